@@ -1,0 +1,272 @@
+"""From the spool to the Redis stream: the pusher, and the flusher thread that drives it.
+
+The :class:`Pusher` reads a run's spool in order and XADDs records in pipelined batches
+through one Lua script that also advances the run's ``pushed`` seq. Because the check and
+the XADD are atomic in Redis, pushing a record twice (a lost reply, a replay after a crash)
+adds it once. The :class:`Flusher` is the background thread of a live training process:
+it pushes whenever the hook wakes it, backs off while Redis is unreachable, and refreshes
+the run's liveness key.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from producers.snapshot import Snapshotter
+from producers.spool import Position, Record, RunSpool, SpoolWriter, read_records
+from shared.backoff import compute_backoff
+from shared.events import EventType
+from shared.keys import LIVENESS_REFRESH_S, LIVENESS_TTL_S, PUSHED_TTL_S, Keys
+
+log = logging.getLogger("trainbus.flusher")
+
+BATCH_RECORDS = 256
+SNAPSHOT_TYPES = frozenset({EventType.CHECKPOINT.value, EventType.FINAL.value})
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
+
+# KEYS: stream, producer hash.  ARGV: ttl, then seq, event pairs in seq order.
+PUSH_SCRIPT = """
+local pushed = tonumber(redis.call('HGET', KEYS[2], 'pushed') or '-1')
+for i = 2, #ARGV, 2 do
+  local seq = tonumber(ARGV[i])
+  if seq > pushed then
+    redis.call('XADD', KEYS[1], '*', 'event', ARGV[i + 1])
+    pushed = seq
+  end
+end
+redis.call('HSET', KEYS[2], 'pushed', pushed)
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return pushed
+"""
+
+
+def connect(redis_url: str) -> redis.Redis:
+    """A client whose calls can never hang: every socket operation has a timeout."""
+    return redis.Redis.from_url(
+        redis_url,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        health_check_interval=15,
+        retry_on_timeout=False,
+    )
+
+
+class Pusher:
+    """Pushes one run's spooled records to the stream, in order, each exactly once."""
+
+    def __init__(self, run: RunSpool, client: redis.Redis, keys: Keys, snapshots: Snapshotter,
+                 writer: SpoolWriter | None = None) -> None:
+        self.run = run
+        self.client = client
+        self.keys = keys
+        self.snapshots = snapshots
+        self.writer = writer
+        self.pushed: int | None = None  # highest seq known to be in the stream
+        self.waiting_for_snapshot = False
+        self._position: Position | None = None
+        self._script = client.register_script(PUSH_SCRIPT)
+
+    def push_available(self) -> int:
+        """Push everything readable now; returns how many records were sent.
+
+        Raises redis errors when Redis is unreachable; the spool keeps the records.
+        """
+        sent = 0
+        while (n := self.push_batch()) > 0:
+            sent += n
+        return sent
+
+    def push_batch(self) -> int:
+        if self.pushed is None:
+            self.pushed = int(self.client.hget(self.keys.producer(self.run.run_id), "pushed") or -1)
+        while True:
+            records = self._next_records()
+            if not records:
+                return 0
+            batch = self._ready(records)
+            if batch:
+                break
+            if self.waiting_for_snapshot:
+                return 0
+            # every record read was already in the stream; the position moved past them
+        args: list[Any] = [PUSHED_TTL_S]
+        for record, data in batch:
+            args += [record.seq, data]
+        self.pushed = int(self._script(keys=[self.keys.events, self.keys.producer(self.run.run_id)], args=args))
+        last = batch[-1][0]
+        assert self._position is not None
+        self._position.offset = last.end
+        for record, _ in batch:
+            if record.type in SNAPSHOT_TYPES:
+                self.snapshots.forget(record.seq)
+        return len(batch)
+
+    def _next_records(self) -> list[Record]:
+        """Records after the current position, moving past (and removing) pushed segments."""
+        while True:
+            segments = self.run.segments()
+            if not segments:
+                return []
+            if self._position is None or self._position.segment not in segments:
+                self._position = Position(segments[0], 0)
+            records, end = read_records(self._position.segment, self._position.offset, BATCH_RECORDS)
+            if records:
+                return records
+            if end != self._position.offset:  # only corrupt lines: step over them
+                self._position.offset = end
+                continue
+            if not self._retire_segment(segments):
+                return []
+
+    def _retire_segment(self, segments: list[Path]) -> bool:
+        """The current segment is fully pushed: remove it if nobody appends to it any more."""
+        assert self._position is not None
+        segment = self._position.segment
+        newest = segment == segments[-1]
+        if newest and not self.run.writer_lock.is_free():
+            return False  # the training process still appends here
+        if newest:
+            self.run.remember_seq(max(self.pushed or -1, int(segment.stem) - 1))
+        size = segment.stat().st_size
+        segment.unlink()
+        if self.writer is not None:
+            self.writer.released(size)
+        self._position = None
+        return not newest
+
+    def _ready(self, records: list[Record]) -> list[tuple[Record, bytes]]:
+        """Records not yet in the stream, checkpoint events completed with their snapshot.
+
+        Stops before a checkpoint whose snapshot is still being made, to keep the order.
+        """
+        ready: list[tuple[Record, bytes]] = []
+        self.waiting_for_snapshot = False
+        assert self.pushed is not None
+        for record in records:
+            if record.seq <= self.pushed:
+                self._position.offset = record.end  # type: ignore[union-attr]
+                continue
+            data = record.data
+            if record.type in SNAPSHOT_TYPES:
+                completed = self._with_snapshot(record)
+                if completed is None:
+                    self.waiting_for_snapshot = True
+                    break
+                data = completed
+            ready.append((record, data))
+        return ready
+
+    def _with_snapshot(self, record: Record) -> bytes | None:
+        event = orjson.loads(record.data)
+        request = event["payload"].get("checkpoint")
+        if not isinstance(request, dict):
+            return record.data
+        result = self.snapshots.result(record.seq, request)
+        if result is None:
+            return None
+        request.update(result)
+        return orjson.dumps(event)
+
+
+class Flusher:
+    """The training process's background thread: spool to Redis, and liveness."""
+
+    def __init__(self, pusher: Pusher) -> None:
+        self.pusher = pusher
+        self.run_ended = False
+        self._wake = threading.Event()
+        self._stop = False
+        self._done = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="trainbus-flusher", daemon=True)
+        self._attempt = 0
+        self._next_liveness = 0.0
+        self._redis_up = True
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Called by the hook after an append: the cheapest possible hand-off."""
+        self._wake.set()
+
+    def wait_pushed(self, seq: int, timeout: float) -> bool:
+        """Wait until ``seq`` is in the stream, at most ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._done:
+            while (self.pusher.pushed is None or self.pusher.pushed < seq) and self._thread.is_alive():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._wake.set()
+                self._done.wait(min(remaining, 0.05))
+        return self.pusher.pushed is not None and self.pusher.pushed >= seq
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        lock = self.pusher.run.pusher_lock
+        while not self._stop:
+            self._wake.wait(timeout=self._idle_timeout())
+            self._wake.clear()
+            if self._stop:
+                break
+            if not lock.acquire():
+                continue  # a drainer from an earlier process is still pushing this run
+            try:
+                self.pusher.push_available()
+                self._refresh_liveness()
+                self._set_redis_up(True)
+            except REDIS_DOWN as exc:
+                self._set_redis_up(False, exc)
+                self._sleep(compute_backoff(self._attempt, base=0.2, cap=10.0))
+                self._attempt += 1
+                continue
+            except Exception:  # a bug must not kill the thread: log it and keep the spool
+                log.exception("unexpected error while pushing run %s", self.pusher.run.run_id)
+                self._sleep(1.0)
+            with self._done:
+                self._done.notify_all()
+        lock.release()
+
+    def _idle_timeout(self) -> float:
+        if self.pusher.waiting_for_snapshot:
+            return 0.02
+        return 1.0
+
+    def _refresh_liveness(self) -> None:
+        client, key = self.pusher.client, self.pusher.keys.alive(self.pusher.run.run_id)
+        if self.run_ended:
+            if self._next_liveness >= 0:
+                client.delete(key)
+                self._next_liveness = -1.0
+            return
+        now = time.monotonic()
+        if now >= self._next_liveness:
+            client.set(key, b"1", ex=LIVENESS_TTL_S)
+            self._next_liveness = now + LIVENESS_REFRESH_S
+
+    def _set_redis_up(self, up: bool, exc: Exception | None = None) -> None:
+        if up and not self._redis_up:
+            log.warning("run %s: Redis is reachable again; pushing the spool", self.pusher.run.run_id)
+        elif not up and self._redis_up:
+            log.warning("run %s: Redis unreachable (%s); events stay in the spool at %s",
+                        self.pusher.run.run_id, exc, self.pusher.run.dir)
+        self._redis_up = up
+        if up:
+            self._attempt = 0
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep that a stop request interrupts."""
+        deadline = time.monotonic() + seconds
+        while not self._stop and time.monotonic() < deadline:
+            time.sleep(min(0.05, deadline - time.monotonic()))

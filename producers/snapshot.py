@@ -1,0 +1,203 @@
+"""Checkpoint snapshots: a complete, hashed copy of a file the trainer rewrites in place.
+
+Ultralytics rewrites ``last.pt``/``best.pt`` in place (truncate + write, same inode), so a
+reader can see a half-written file. The hook only ``stat``s the file (microseconds) and
+records its stamp in the checkpoint event. A background thread then copies it in the
+kernel (``shutil.copyfile`` uses sendfile), checks that the stamp did not change before or
+during the copy, checks a zip file's members (``torch.save`` writes zips) and records the
+sha256. The result goes to a sidecar ``<seq>.json`` that the flusher merges into the event.
+
+If the process dies before the copy, whoever pushes the spool later makes the snapshot
+itself, and the stamp check tells whether the file is still the version the hook saw.
+Only what can still be uploaded is kept: the newest snapshot, the newest best, the finals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import shutil
+import threading
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+log = logging.getLogger("trainbus.snapshot")
+
+ZIP_MAGIC = b"PK\x03\x04"
+HASH_CHUNK = 1 << 20
+
+
+class SnapshotError(Exception):
+    """The version the hook saw cannot be captured; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """What identifies one version of a file: inode, size and modification time."""
+
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path | str) -> Stamp:
+        st = os.stat(path)
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"ino": self.ino, "size": self.size, "mtime_ns": self.mtime_ns}
+
+
+def checkpoint_request(source: Path | str, label: str) -> dict[str, Any]:
+    """The ``checkpoint`` part of an event as the hook writes it: a path and its stamp."""
+    try:
+        stamp = Stamp.of(source).as_dict()
+    except OSError as exc:
+        return {"source": str(source), "label": label, "error": f"cannot stat: {exc.strerror}"}
+    return {"source": str(source), "label": label, "stamp": stamp}
+
+
+def take_snapshot(source: Path, expected: Stamp, dest: Path) -> dict[str, Any]:
+    """Copy ``source`` to ``dest`` if it is still the ``expected`` version; verify; hash."""
+    before = Stamp.of(source)
+    if before != expected:
+        raise SnapshotError(f"{source} was rewritten before it could be copied (superseded)")
+    tmp = dest.with_name(dest.name + ".part")
+    shutil.copyfile(source, tmp)
+    try:
+        if Stamp.of(source) != before:
+            raise SnapshotError(f"{source} changed while it was being copied")
+        size = tmp.stat().st_size
+        if size != before.size:
+            raise SnapshotError(f"copied {size} bytes of {source}, expected {before.size}")
+        _check_zip(tmp, source)
+        digest = _sha256(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, dest)
+    return {"path": str(dest), "sha256": digest, "size": size}
+
+
+def _check_zip(copy: Path, source: Path) -> None:
+    """A file that starts like a zip must be a whole zip with valid member CRCs."""
+    with open(copy, "rb") as f:
+        if f.read(4) != ZIP_MAGIC:
+            return
+    try:
+        with zipfile.ZipFile(copy) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise SnapshotError(f"{source} is not a complete zip (torn write?): {exc}") from None
+    if bad is not None:
+        raise SnapshotError(f"{source} member {bad!r} fails its CRC check (torn write?)")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Snapshotter:
+    """Makes the snapshots of one run, in a background thread or on demand.
+
+    ``submit`` is called from the hook; ``result`` from the flusher (or a drainer) when it
+    reaches the event: it returns the sidecar, ``None`` while the thread still works on
+    it, or makes the snapshot right there when no thread ever will (a previous process).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self._queue: queue.SimpleQueue[tuple[int, dict[str, Any]] | None] = queue.SimpleQueue()
+        self._queued: set[int] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.on_done: Callable[[], None] = lambda: None  # the flusher's wake-up
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="trainbus-snapshot", daemon=True)
+        self._thread.start()
+
+    def submit(self, seq: int, request: dict[str, Any]) -> None:
+        with self._lock:
+            self._queued.add(seq)
+        self._queue.put((seq, request))
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def result(self, seq: int, request: dict[str, Any]) -> dict[str, Any] | None:
+        sidecar = self._sidecar(seq)
+        try:
+            return orjson.loads(sidecar.read_bytes())
+        except FileNotFoundError:
+            pass
+        with self._lock:
+            if seq in self._queued:
+                return None
+        return self._make(seq, request)
+
+    def forget(self, seq: int) -> None:
+        """The event was pushed: its sidecar is no longer needed."""
+        self._sidecar(seq).unlink(missing_ok=True)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            seq, request = item
+            try:
+                self._make(seq, request)
+            except Exception:  # never let the thread die: the next checkpoint matters too
+                log.exception("snapshot of event %d failed unexpectedly", seq)
+            finally:
+                with self._lock:
+                    self._queued.discard(seq)
+                self.on_done()
+
+    def _make(self, seq: int, request: dict[str, Any]) -> dict[str, Any]:
+        if "error" in request:
+            result: dict[str, Any] = {"error": request["error"]}
+        else:
+            dest = self.dir / f"{seq:012d}-{request['label']}{Path(request['source']).suffix}"
+            try:
+                result = take_snapshot(Path(request["source"]), Stamp(**request["stamp"]), dest)
+            except SnapshotError as exc:
+                result = {"error": str(exc)}
+            except OSError as exc:
+                result = {"error": f"cannot snapshot {request['source']}: {exc.strerror or exc}"}
+        if "error" in result:
+            log.warning("checkpoint of event %d not captured: %s", seq, result["error"])
+        tmp = self._sidecar(seq).with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps(result))
+        os.replace(tmp, self._sidecar(seq))
+        self._prune()
+        return result
+
+    def _sidecar(self, seq: int) -> Path:
+        return self.dir / f"{seq:012d}.json"
+
+    def _prune(self) -> None:
+        """Keep the newest snapshot, the newest best, and finals; the rest is superseded."""
+        snaps = sorted(p for p in self.dir.iterdir() if "-" in p.name and not p.name.endswith(".part"))
+        if not snaps:
+            return
+        keep = {snaps[-1]}
+        keep.update(p for p in snaps if "-final" in p.name)
+        best = [p for p in snaps if "-best" in p.name]
+        if best:
+            keep.add(best[-1])
+        for path in snaps:
+            if path not in keep:
+                path.unlink(missing_ok=True)

@@ -1,0 +1,239 @@
+"""The spool: a run's write-ahead log of events on local disk.
+
+Layout, under ``TRAINBUS_SPOOL_DIR``::
+
+    <run_id>/
+        writer.lock          held (flock) by the training process while it runs
+        pusher.lock          held by whoever pushes this run to Redis (flusher or drainer)
+        seq                  last seq of the run once every segment was pushed and removed
+        000000000000.log     segments named by their first seq, each at most SEGMENT_BYTES
+        checkpoints/         snapshots of checkpoint files (see snapshot.py)
+
+A record is one line: ``<seq> <type> <event JSON>\\n``, written with a single ``write()``
+on an unbuffered file, so it is in the kernel's page cache when the hook returns: a
+SIGKILL of the training process cannot lose it (a power failure can lose what was not
+yet pushed). Segments are removed once every record in them reached Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("trainbus.spool")
+
+SEGMENT_BYTES = 4 << 20
+READ_BYTES = 2 << 20  # more than the largest record (events are capped at 1 MiB)
+SEGMENT_SUFFIX = ".log"
+
+
+@dataclass(slots=True)
+class Record:
+    seq: int
+    type: str
+    data: bytes  # the event JSON
+    end: int = 0  # offset just past this record in its segment
+
+
+@dataclass(slots=True)
+class Position:
+    """Where a reader stands: a segment and a byte offset in it."""
+
+    segment: Path
+    offset: int
+
+
+class RunLock:
+    """A non-blocking flock on a file in the run directory; released on process death."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        if self._fd is not None:
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def is_free(self) -> bool:
+        """True when nobody holds the lock (probes by taking and dropping it)."""
+        if self.held:
+            return False
+        if self.acquire():
+            self.release()
+            return True
+        return False
+
+
+class RunSpool:
+    """One run's directory in the spool: its segments, locks and seq counter."""
+
+    def __init__(self, root: Path, run_id: str) -> None:
+        self.run_id = run_id
+        self.dir = Path(root) / run_id
+        self.checkpoint_dir = self.dir / "checkpoints"
+        self.writer_lock = RunLock(self.dir / "writer.lock")
+        self.pusher_lock = RunLock(self.dir / "pusher.lock")
+        self._seq_file = self.dir / "seq"
+
+    def create(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.checkpoint_dir.mkdir(exist_ok=True, mode=0o700)
+
+    def segments(self) -> list[Path]:
+        """Segment files, oldest first."""
+        try:
+            names = [n for n in os.listdir(self.dir) if n.endswith(SEGMENT_SUFFIX)]
+        except FileNotFoundError:
+            return []
+        return [self.dir / n for n in sorted(names)]
+
+    def pending_bytes(self) -> int:
+        total = 0
+        for segment in self.segments():
+            with contextlib.suppress(FileNotFoundError):  # removed by the pusher meanwhile
+                total += segment.stat().st_size
+        return total
+
+    def last_seq(self) -> int:
+        """The highest seq ever written to this run's spool, or -1."""
+        last = -1
+        segments = self.segments()
+        if segments:
+            last = int(segments[-1].stem) - 1
+            offset = 0
+            while True:
+                records, offset = read_records(segments[-1], offset)
+                if not records:
+                    break
+                last = max(last, records[-1].seq)
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            last = max(last, int(self._seq_file.read_text().strip() or -1))
+        return last
+
+    def remember_seq(self, seq: int) -> None:
+        """Record the last seq before removing the segments that hold it."""
+        tmp = self._seq_file.with_suffix(".tmp")
+        tmp.write_text(f"{seq}\n")
+        os.replace(tmp, self._seq_file)
+
+
+class SpoolWriter:
+    """Appends records for one run. Used from the training thread: one syscall per record."""
+
+    def __init__(self, run: RunSpool, max_bytes: int) -> None:
+        self.run = run
+        self.max_bytes = max_bytes
+        self.next_seq = run.last_seq() + 1
+        self._fd = -1
+        self._segment_bytes = 0
+        self.bytes = run.pending_bytes()
+        self._rotate()
+
+    def append(self, seq: int, type: str, data: bytes, *, keep_when_full: bool) -> bool:
+        """Write one record; False (and nothing written) when the spool is full.
+
+        Records with ``keep_when_full`` are written past the limit: they are few and small.
+        Raises OSError when the disk refuses the write.
+        """
+        line = b"%d %s %s\n" % (seq, type.encode(), data)
+        if self.bytes + len(line) > self.max_bytes and not keep_when_full:
+            return False
+        if self._segment_bytes + len(line) > SEGMENT_BYTES and self._segment_bytes:
+            self._rotate(first_seq=seq)
+        os.write(self._fd, line)
+        self._segment_bytes += len(line)
+        self.bytes += len(line)
+        self.next_seq = seq + 1
+        return True
+
+    def released(self, nbytes: int) -> None:
+        """The reader removed ``nbytes`` of pushed segments."""
+        self.bytes = max(0, self.bytes - nbytes)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _rotate(self, first_seq: int | None = None) -> None:
+        """Start a new segment; a new writer always starts one, never appends to an old one."""
+        self.close()
+        first = self.next_seq if first_seq is None else first_seq
+        path = self.run.dir / f"{first:012d}{SEGMENT_SUFFIX}"
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._segment_bytes = os.fstat(self._fd).st_size
+        self.bytes = self.run.pending_bytes()
+
+
+def read_records(segment: Path, offset: int, limit: int = 1 << 30) -> tuple[list[Record], int]:
+    """Whole records of ``segment`` from ``offset``: (records, offset after the last one).
+
+    A trailing partial line (being written right now) is left for the next read. A line
+    that cannot be parsed (a write torn by a full disk) is logged and skipped.
+    """
+    try:
+        with open(segment, "rb") as f:
+            f.seek(offset)
+            chunk = f.read(READ_BYTES)
+    except FileNotFoundError:
+        return [], offset
+    end = chunk.rfind(b"\n") + 1
+    records: list[Record] = []
+    position = offset
+    for line in _lines(chunk[:end]):
+        if len(records) >= limit:
+            break
+        start, position = position, position + len(line) + 1
+        record = _parse(line)
+        if record is None:
+            log.warning("skipping a corrupt spool line in %s at byte %d", segment, start)
+            continue
+        record.end = position
+        records.append(record)
+    return records, position
+
+
+def _lines(chunk: bytes) -> Iterator[bytes]:
+    start = 0
+    while start < len(chunk):
+        end = chunk.index(b"\n", start)
+        yield chunk[start:end]
+        start = end + 1
+
+
+def _parse(line: bytes) -> Record | None:
+    parts = line.split(b" ", 2)
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[2].startswith(b"{"):
+        return None
+    return Record(seq=int(parts[0]), type=parts[1].decode("ascii", "replace"), data=parts[2])
+
+
+def run_dirs(root: Path) -> list[RunSpool]:
+    """Every run directory in a spool root."""
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return []
+    return [RunSpool(root, n) for n in names if (Path(root) / n / "writer.lock").exists()]

@@ -1,0 +1,1 @@
+"""What producers and workers share: the event schema, Redis keys and settings."""

@@ -1,0 +1,127 @@
+"""The event schema: one envelope, one encode, one decode, used by both sides.
+
+An event on the stream is a JSON object::
+
+    {"schema": 1, "run_id": "...", "seq": 7, "ts": 1763778600.1, "type": "fit_epoch",
+     "payload": {...}, "nulls": ["metrics.val/loss"]}
+
+``seq`` counts from 0 per run, without gaps, in the order the hooks were called.
+``nulls`` is present only when the payload held NaN or infinity: it lists the dotted
+payload paths that were encoded as ``null`` for that reason.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import orjson
+
+from shared.encoding import encode, non_finite_paths
+from shared.errors import InvalidEvent
+
+SCHEMA_VERSION = 1
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # also valid inside RQ job ids
+MAX_EVENT_BYTES = 1 << 20  # an event is a small record; files travel as paths
+
+
+class EventType(str, Enum):
+    SESSION = "session"  # run started: args, HUB model id, host, library versions
+    PRETRAIN_END = "pretrain_end"
+    TRAIN_START = "train_start"
+    TRAIN_EPOCH = "train_epoch"  # training part of an epoch done: losses, learning rates
+    FIT_EPOCH = "fit_epoch"  # epoch done incl. validation: HUB's per-epoch metrics
+    CHECKPOINT = "checkpoint"  # a snapshot of a checkpoint file, with its sha256
+    MEDIA = "media"  # debug images or plots on disk, to be logged by path
+    VAL_START = "val_start"
+    VAL_END = "val_end"
+    PREDICT_START = "predict_start"
+    EXPORT_START = "export_start"
+    FINAL = "final"  # training finished: best checkpoint snapshot and final metrics
+    RUN_END = "run_end"  # the run is over: status completed, failed or stopped
+    SPOOL_OVERFLOW = "spool_overflow"  # the spool was full: what was dropped, counted
+
+
+TYPES = frozenset(t.value for t in EventType)
+# Types the spool keeps even past its size limit: few, small, and not recoverable.
+KEPT_WHEN_FULL = frozenset(
+    {
+        EventType.SESSION,
+        EventType.CHECKPOINT,
+        EventType.FINAL,
+        EventType.RUN_END,
+        EventType.SPOOL_OVERFLOW,
+    }
+)
+
+
+@dataclass(slots=True)
+class Event:
+    run_id: str
+    seq: int
+    ts: float
+    type: str
+    payload: dict[str, Any]
+    nulls: list[str] = field(default_factory=list)
+    schema: int = SCHEMA_VERSION
+
+
+def encode_event(run_id: str, seq: int, ts: float, type: str, payload: dict[str, Any]) -> bytes:
+    """The JSON bytes of one event; NaN/inf become null and are listed under ``nulls``."""
+    envelope = {
+        "schema": SCHEMA_VERSION,
+        "run_id": run_id,
+        "seq": seq,
+        "ts": ts,
+        "type": type,
+        "payload": payload,
+    }
+    data = encode(envelope)
+    if b"null" in data:
+        nulls = non_finite_paths(payload)
+        if nulls:
+            envelope["nulls"] = nulls
+            data = encode(envelope)
+    return data
+
+
+def decode_event(data: bytes | str) -> Event:
+    """Parse and validate one event; raises :class:`InvalidEvent` saying what is wrong."""
+    if len(data) > MAX_EVENT_BYTES:
+        raise InvalidEvent(f"event is {len(data)} bytes, more than the {MAX_EVENT_BYTES} allowed")
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent(f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise InvalidEvent(f"expected a JSON object, got {type(obj).__name__}")
+    schema = obj.get("schema")
+    if schema != SCHEMA_VERSION:
+        raise InvalidEvent(f"unsupported schema version {schema!r}; this build reads {SCHEMA_VERSION}")
+    run_id = _field(obj, "run_id", str)
+    if not RUN_ID_PATTERN.match(run_id):
+        raise InvalidEvent(f"run_id {run_id[:80]!r} must be 1-64 letters, digits, '_' or '-'")
+    seq = _field(obj, "seq", int)
+    if isinstance(seq, bool) or seq < 0:
+        raise InvalidEvent(f"seq must be a non-negative integer, got {seq!r}")
+    ts = _field(obj, "ts", (int, float))
+    kind = _field(obj, "type", str)
+    if kind not in TYPES:
+        raise InvalidEvent(f"unknown event type {kind[:80]!r}")
+    payload = _field(obj, "payload", dict)
+    nulls = obj.get("nulls", [])
+    if not isinstance(nulls, list):
+        raise InvalidEvent("'nulls' must be a list of payload paths")
+    return Event(run_id=run_id, seq=seq, ts=float(ts), type=kind, payload=payload, nulls=nulls)
+
+
+def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    if name not in obj:
+        raise InvalidEvent(f"missing field {name!r}")
+    value = obj[name]
+    if not isinstance(value, kind):
+        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise InvalidEvent(f"field {name!r} must be {expected}, got {type(value).__name__}")
+    return value

@@ -1,0 +1,1 @@
+"""Everything outside the training process: the ``trainbus`` command, dispatcher and workers."""

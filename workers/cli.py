@@ -1,0 +1,109 @@
+"""The ``trainbus`` command: operator tools around the pipeline.
+
+    trainbus spool status            what the local spool still holds, per run
+    trainbus spool replay [RUN ...]  push what the spool holds to Redis now
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from shared.errors import SettingsError
+from shared.keys import Keys
+from shared.settings import Settings, redact_url
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.WARNING if not args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except SettingsError as exc:
+        print(f"trainbus: bad setting {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainbus",
+        description="Training telemetry off the training loop. Settings come from TRAINBUS_* "
+        "environment variables (see the README).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    commands = parser.add_subparsers(title="commands")
+
+    spool = commands.add_parser("spool", help="inspect or push a training machine's local spool")
+    spool_commands = spool.add_subparsers(title="spool commands")
+    spool_dir_help = "spool directory (default: TRAINBUS_SPOOL_DIR or ~/.local/state/trainbus/spool)"
+
+    status = spool_commands.add_parser("status", help="list runs with events not yet in Redis")
+    status.add_argument("--spool-dir", type=Path, help=spool_dir_help)
+    status.set_defaults(func=spool_status)
+
+    replay = spool_commands.add_parser(
+        "replay",
+        help="push spooled events to Redis now (after a crash, or instead of the drainer)",
+        description="Push every spooled event of runs whose training process is gone, in "
+        "order. Events already in Redis are skipped, so replaying twice is harmless.",
+    )
+    replay.add_argument("run_ids", nargs="*", metavar="RUN", help="runs to push (default: all)")
+    replay.add_argument("--spool-dir", type=Path, help=spool_dir_help)
+    replay.add_argument("--wait", type=float, default=10.0, metavar="S",
+                        help="keep retrying an unreachable Redis this many seconds (default 10)")
+    replay.set_defaults(func=spool_replay)
+    return parser
+
+
+def spool_status(args: argparse.Namespace) -> int:
+    from producers.spool import run_dirs
+
+    settings = Settings.from_env(spool_dir=args.spool_dir)
+    rows = [(run.run_id, run.pending_bytes(), len(run.segments()), run.writer_lock.is_free())
+            for run in run_dirs(settings.spool_dir)]
+    rows = [r for r in rows if r[2]]
+    if not rows:
+        print(f"spool {settings.spool_dir}: empty (everything is in Redis)")
+        return 0
+    print(f"spool {settings.spool_dir}:")
+    print(f"  {'run':<32} {'bytes':>12} {'segments':>8}  state")
+    for run_id, size, segments, free in rows:
+        state = "orphaned: run `trainbus spool replay`" if free else "training process alive"
+        print(f"  {run_id:<32} {size:>12} {segments:>8}  {state}")
+    return 0
+
+
+def spool_replay(args: argparse.Namespace) -> int:
+    from producers.drain import drain, pending_runs
+
+    settings = Settings.from_env(spool_dir=args.spool_dir)
+    runs = pending_runs(settings.spool_dir, args.run_ids or None)
+    if not runs:
+        print(f"nothing to replay in {settings.spool_dir}")
+        return 0
+    print(f"replaying {len(runs)} run(s) from {settings.spool_dir} to {redact_url(settings.redis_url)}")
+    report = drain(
+        settings.spool_dir,
+        settings.redis_url,
+        Keys(settings.namespace),
+        run_ids=args.run_ids or None,
+        give_up_after=args.wait,
+        on_progress=lambda run_id, n: print(f"  {run_id}: {n} events pushed"),
+    )
+    if report.runs_left:
+        reason = report.last_error or "another process (a drainer?) is pushing them"
+        print(f"not done: {', '.join(report.runs_left)} still spooled: {reason}", file=sys.stderr)
+        return 1
+    print(f"done: {report.pushed} events pushed; {len(report.runs_done)} run(s) fully delivered")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
