@@ -100,9 +100,7 @@ class Pusher:
         for record, data in batch:
             args += [record.seq, data]
         self.pushed = int(self._script(keys=[self.keys.events, self.keys.producer(self.run.run_id)], args=args))
-        last = batch[-1][0]
-        assert self._position is not None
-        self._position.offset = last.end
+        self._advance(batch[-1][0].end)
         for record, _ in batch:
             if record.type in SNAPSHOT_TYPES:
                 self.snapshots.forget(record.seq)
@@ -120,7 +118,7 @@ class Pusher:
             if records:
                 return records
             if end != self._position.offset:  # only corrupt lines: step over them
-                self._position.offset = end
+                self._advance(end)
                 continue
             if not self._retire_segment(segments):
                 return []
@@ -134,12 +132,16 @@ class Pusher:
             return False  # the training process still appends here
         if newest:
             self.run.remember_seq(max(self.pushed or -1, int(segment.stem) - 1))
-        size = segment.stat().st_size
         segment.unlink()
-        if self.writer is not None:
-            self.writer.released(size)
         self._position = None
         return not newest
+
+    def _advance(self, offset: int) -> None:
+        """Move past pushed (or skipped) bytes; the writer counts them as freed."""
+        assert self._position is not None
+        if self.writer is not None:
+            self.writer.released(offset - self._position.offset)
+        self._position.offset = offset
 
     def _ready(self, records: list[Record]) -> list[tuple[Record, bytes]]:
         """Records not yet in the stream, checkpoint events completed with their snapshot.
@@ -151,7 +153,7 @@ class Pusher:
         assert self.pushed is not None
         for record in records:
             if record.seq <= self.pushed:
-                self._position.offset = record.end  # type: ignore[union-attr]
+                self._advance(record.end)
                 continue
             data = record.data
             if record.type in SNAPSHOT_TYPES:

@@ -127,7 +127,7 @@ class Publisher:
                                 {"truncated": True, "bytes": len(data), "keys": keys})
         if not self._writer.append(seq, type, data, keep_when_full=type in KEPT_WHEN_FULL):
             if not self._dropped:
-                log.warning("spool of run %s is full (%d MB at %s): dropping %s events and "
+                log.warning("spool of run %s is full (%g MB at %s): dropping %s events and "
                             "counting them until Redis takes the backlog",
                             self.run_id, self.settings.spool_max_mb, self._run.dir, type)
             self._dropped[type] += 1
@@ -145,7 +145,7 @@ class Publisher:
         if model:
             ref = parse_hub_model(model)
             if ref.api_key:
-                self._add_secret(ref.api_key)
+                self.add_secret(ref.api_key)
             hub = ref
         payload = {
             "args": self._scrub_args(args or {}),
@@ -268,7 +268,8 @@ class Publisher:
         except OSError as exc:
             log.error("could not start a drainer (%s); run `trainbus spool replay` to push %s", exc, run_ids)
 
-    def _add_secret(self, secret: str) -> None:
+    def add_secret(self, secret: str) -> None:
+        """Redact ``secret`` from every later event (keys the hooks come across)."""
         if len(secret) >= MIN_SECRET_LEN:
             self._secrets = (*self._secrets, encode(secret)[1:-1])
 
@@ -283,7 +284,7 @@ class Publisher:
                     pass
                 else:
                     if ref.api_key:
-                        self._add_secret(ref.api_key)
+                        self.add_secret(ref.api_key)
                     value = ref.model_id
             clean[str(key)] = value
         return clean

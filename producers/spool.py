@@ -148,8 +148,15 @@ class SpoolWriter:
         self.next_seq = run.last_seq() + 1
         self._fd = -1
         self._segment_bytes = 0
-        self.bytes = run.pending_bytes()
+        # Two counters, each written by one thread only (hook / flusher): no lock needed.
+        self._appended = run.pending_bytes()  # not pushed yet, as far as this process knows
+        self._released = 0
         self._rotate()
+
+    @property
+    def bytes(self) -> int:
+        """Bytes in the spool not yet pushed to Redis; what the size limit applies to."""
+        return self._appended - self._released
 
     def append(self, seq: int, type: str, data: bytes, *, keep_when_full: bool) -> bool:
         """Write one record; False (and nothing written) when the spool is full.
@@ -164,13 +171,13 @@ class SpoolWriter:
             self._rotate(first_seq=seq)
         os.write(self._fd, line)
         self._segment_bytes += len(line)
-        self.bytes += len(line)
+        self._appended += len(line)
         self.next_seq = seq + 1
         return True
 
     def released(self, nbytes: int) -> None:
-        """The reader removed ``nbytes`` of pushed segments."""
-        self.bytes = max(0, self.bytes - nbytes)
+        """``nbytes`` of records reached Redis: they no longer count against the limit."""
+        self._released += nbytes
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -184,7 +191,6 @@ class SpoolWriter:
         path = self.run.dir / f"{first:012d}{SEGMENT_SUFFIX}"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._segment_bytes = os.fstat(self._fd).st_size
-        self.bytes = self.run.pending_bytes()
 
 
 def read_records(segment: Path, offset: int, limit: int = 1 << 30) -> tuple[list[Record], int]:

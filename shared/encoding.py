@@ -96,7 +96,7 @@ def _as_string(obj: Any) -> str:
     try:
         return str(obj)
     except Exception:  # a broken __str__ must not reach training
-        return f"<unencodable {kind.__qualname__}>"
+        return f"<unencodable {kind.__name__}>"
 
 
 def _sanitise(obj: Any, depth: int) -> Any:

@@ -1,0 +1,208 @@
+"""Drop-in Ultralytics callbacks: what the HUB and ClearML callbacks send, as events.
+
+    from ultralytics import YOLO
+    from producers.ultralytics import callbacks
+
+    model = YOLO("yolov8n.yaml")
+    for event, fn in callbacks.items():
+        model.add_callback(event, fn)
+    model.train(data="coco8.yaml", epochs=3)
+
+``callbacks`` is configured from the ``TRAINBUS_*`` environment (checked at import, so a
+bad value stops the script before training starts); ``make_callbacks(**settings)`` takes
+the same settings as arguments. A publisher (spool, flusher thread) opens when a training
+starts and closes at interpreter exit.
+
+The trainer's quirks are tolerated: ``epoch``, ``lr``, ``tloss`` and ``fitness`` are
+missing or None early on; the final validation repeats ``on_fit_epoch_end`` once more
+(marked ``final_eval``); mosaic images are drawn in a background thread and appear late,
+so they are sent as a directory and a glob for the worker to wait on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from producers.publisher import Publisher
+from shared.events import EventType
+from shared.settings import Settings, generate_run_id
+
+log = logging.getLogger("trainbus.ultralytics")
+
+PLOT_NAMES = ("results.png", "confusion_matrix.png", "confusion_matrix_normalized.png")
+PLOT_PATTERN = "*_curve.png"  # F1/PR/P/R curves, prefixed by task in recent releases
+MAP_KEY = "metrics/mAP50-95(B)"
+
+Callback = Callable[[Any], None]
+
+
+class UltralyticsHooks:
+    """Holds one training's publisher and the little state the trainer does not keep."""
+
+    def __init__(self, settings: Settings, *, fixed_run_id: bool) -> None:
+        self.settings = settings
+        self.fixed_run_id = fixed_run_id  # else each training in this process gets a new id
+        self.publisher: Publisher | None = None
+        self._fit_epochs_seen: set[int] = set()
+
+    def bus(self) -> Publisher:
+        """The open publisher, opened on first use (val/predict/export may come first)."""
+        if self.publisher is None:
+            self.publisher = Publisher(self.settings)
+            self._add_ultralytics_key()
+        return self.publisher
+
+    # -- trainer ------------------------------------------------------------------------
+
+    def on_pretrain_routine_start(self, trainer: Any) -> None:
+        if self.publisher is not None:  # a second training in this process: a new run
+            self.publisher.close()
+            self.publisher = None
+            if not self.fixed_run_id:
+                self.settings = dataclasses.replace(self.settings, run_id=generate_run_id())
+        self._fit_epochs_seen.clear()
+        args = dict(vars(trainer.args)) if getattr(trainer, "args", None) is not None else {}
+        self.bus().session(
+            args,
+            name=args.get("name"),
+            project=args.get("project"),
+            task=args.get("task"),
+            save_dir=str(getattr(trainer, "save_dir", "") or "") or None,
+            epochs=getattr(trainer, "epochs", args.get("epochs")),
+        )
+
+    def on_pretrain_routine_end(self, trainer: Any) -> None:
+        self.bus().lifecycle(EventType.PRETRAIN_END)
+
+    def on_train_start(self, trainer: Any) -> None:
+        self.bus().lifecycle(EventType.TRAIN_START, epochs=getattr(trainer, "epochs", None))
+
+    def on_train_epoch_end(self, trainer: Any) -> None:
+        epoch = getattr(trainer, "epoch", None)
+        lr = getattr(trainer, "lr", None) or {}
+        self.bus().metrics(epoch, _train_losses(trainer), stage="train", lr=dict(lr))
+        if epoch == 0 and getattr(trainer, "save_dir", None):
+            self.bus().media("debug", "Mosaic", directory=trainer.save_dir, pattern="train_batch*.jpg",
+                             iteration=epoch)
+
+    def on_fit_epoch_end(self, trainer: Any) -> None:
+        epoch = getattr(trainer, "epoch", None)
+        final_eval = epoch in self._fit_epochs_seen or (
+            isinstance(epoch, int) and epoch >= (getattr(trainer, "epochs", None) or sys.maxsize))
+        self._fit_epochs_seen.add(epoch)
+        metrics = {**_train_losses(trainer), **(getattr(trainer, "metrics", None) or {})}
+        extra: dict[str, Any] = {"epoch_time": getattr(trainer, "epoch_time", None), "final_eval": final_eval}
+        if epoch == 0 and not final_eval:
+            extra["model_info"] = _model_info(trainer)  # costly: once, as HUB and ClearML do
+        self.bus().metrics(epoch, metrics, stage="fit", **extra)
+
+    def on_model_save(self, trainer: Any) -> None:
+        fitness = getattr(trainer, "fitness", None)
+        is_best = fitness is not None and getattr(trainer, "best_fitness", None) == fitness
+        self.bus().checkpoint(trainer.last, getattr(trainer, "epoch", 0), is_best=is_best)
+
+    def on_train_end(self, trainer: Any) -> None:
+        bus = self.bus()
+        save_dir = getattr(trainer, "save_dir", None)
+        if save_dir:
+            bus.media("plot", "Results", directory=save_dir, names=PLOT_NAMES, pattern=PLOT_PATTERN)
+        metrics = getattr(trainer, "metrics", None) or {}
+        validator_metrics = getattr(getattr(getattr(trainer, "validator", None), "metrics", None),
+                                    "results_dict", None)
+        bus.final(trainer.best, getattr(trainer, "epoch", 0), validator_metrics or metrics,
+                  map50_95=metrics.get(MAP_KEY, 0))
+        bus.end("completed")
+
+    # -- validator, predictor, exporter -----------------------------------------------
+
+    def on_val_start(self, validator: Any) -> None:
+        self.bus().lifecycle(EventType.VAL_START)
+
+    def on_val_end(self, validator: Any) -> None:
+        save_dir = getattr(validator, "save_dir", None)
+        if save_dir:
+            self.bus().media("debug", "Validation", directory=save_dir, pattern="val*.jpg")
+        self.bus().lifecycle(EventType.VAL_END)
+
+    def on_predict_start(self, predictor: Any) -> None:
+        self.bus().lifecycle(EventType.PREDICT_START)
+
+    def on_export_start(self, exporter: Any) -> None:
+        self.bus().lifecycle(EventType.EXPORT_START)
+
+    def _add_ultralytics_key(self) -> None:
+        """The HUB key Ultralytics keeps in its settings file must not leak via args."""
+        utils = sys.modules.get("ultralytics.utils")
+        key = getattr(utils, "SETTINGS", {}).get("api_key") if utils else None
+        if key and self.publisher is not None:
+            self.publisher.add_secret(key)
+
+
+CALLBACK_NAMES = (
+    "on_pretrain_routine_start",
+    "on_pretrain_routine_end",
+    "on_train_start",
+    "on_train_epoch_end",
+    "on_fit_epoch_end",
+    "on_model_save",
+    "on_train_end",
+    "on_val_start",
+    "on_val_end",
+    "on_predict_start",
+    "on_export_start",
+)
+
+
+def make_callbacks(settings: Settings | None = None, **overrides: Any) -> dict[str, Callback]:
+    """Callbacks for ``model.add_callback``; settings as ``Settings`` or keyword overrides."""
+    fixed = bool(overrides.get("run_id") or settings or os.environ.get("TRAINBUS_RUN_ID"))
+    hooks = UltralyticsHooks(settings or Settings.from_env(**overrides), fixed_run_id=fixed)
+    return {name: _guarded(getattr(hooks, name)) for name in CALLBACK_NAMES}
+
+
+def _guarded(fn: Callable[[Any], None]) -> Callback:
+    """Whatever goes wrong in a hook is logged, never raised into training."""
+    failures = 0
+
+    @functools.wraps(fn)
+    def hook(obj: Any) -> None:
+        nonlocal failures
+        try:
+            fn(obj)
+        except Exception:
+            failures += 1
+            if failures <= 3:
+                log.exception("trainbus hook %s failed; training continues", fn.__name__)
+
+    return hook
+
+
+def _train_losses(trainer: Any) -> dict[str, Any]:
+    """``label_loss_items(tloss, prefix="train")``, or {} before the first batch."""
+    tloss = getattr(trainer, "tloss", None)
+    if tloss is None:
+        return {}
+    try:
+        return dict(trainer.label_loss_items(tloss, prefix="train"))
+    except Exception:  # older/newer trainers differ; losses are not worth a crash
+        log.debug("label_loss_items failed", exc_info=True)
+        return {}
+
+
+def _model_info(trainer: Any) -> dict[str, Any]:
+    try:
+        from ultralytics.utils.torch_utils import model_info_for_loggers
+
+        return dict(model_info_for_loggers(trainer))
+    except Exception:
+        log.debug("model_info_for_loggers failed", exc_info=True)
+        return {}
+
+
+callbacks: dict[str, Callback] = make_callbacks()

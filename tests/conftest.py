@@ -1,0 +1,73 @@
+"""Fixtures: a real Redis (the machine's, or one started here), a namespace per test."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+
+from shared.keys import Keys
+from tests.redis_server import RedisServer
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """TRAINBUS_TEST_REDIS_URL or the local Redis; a redis-server of our own if neither answers."""
+    url = os.environ.get("TRAINBUS_TEST_REDIS_URL", DEFAULT_URL)
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+        yield url
+        return
+    except redis.ConnectionError:
+        pass
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def namespace(redis_url: str) -> Iterator[str]:
+    """A fresh key namespace; its keys are removed after the test."""
+    ns = f"test-{uuid.uuid4().hex[:12]}"
+    yield ns
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{ns}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture
+def keys(namespace: str) -> Keys:
+    return Keys(namespace)
+
+
+@pytest.fixture
+def client(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def spool_dir(tmp_path: Path) -> Path:
+    return tmp_path / "spool"
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server on a free port that the test may stop and start (not started yet)."""
+    server = RedisServer(tmp_path / "own-redis")
+    yield server
+    server.stop()
+
+
+def stream_events(client: redis.Redis, keys: Keys) -> list[dict]:
+    """Every event on the stream, decoded, in stream order."""
+    return [orjson.loads(fields[b"event"]) for _, fields in client.xrange(keys.events)]

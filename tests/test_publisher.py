@@ -1,0 +1,156 @@
+"""Publisher against a real Redis: order, envelope, Redis outages, bounded exit, secrets."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import pytest
+import redis
+
+from producers import Publisher, SpoolBusy
+from shared.keys import Keys
+from tests.conftest import stream_events
+from tests.helpers import wait_for
+
+UNREACHABLE = "redis://127.0.0.1:1/0"
+
+
+def publisher(redis_url, namespace, spool_dir, **kw) -> Publisher:
+    return Publisher(redis_url=redis_url, namespace=namespace, spool_dir=spool_dir, **kw)
+
+
+def test_events_arrive_once_in_order_with_envelope(redis_url, namespace, spool_dir, client, keys, tmp_path):
+    ckpt = tmp_path / "last.pt"
+    ckpt.write_bytes(b"weights")
+    with publisher(redis_url, namespace, spool_dir, run_id="run-a") as bus:
+        bus.session({"epochs": 3}, name="exp")
+        for epoch in range(3):
+            bus.metrics(epoch, {"train/loss": 1.0 / (epoch + 1), "val/mAP": math.nan})
+            bus.checkpoint(ckpt, epoch)
+        bus.final(ckpt, 2, {"val/mAP": 0.5}, map50_95=0.5)
+    events = stream_events(client, keys)
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert [e["type"] for e in events] == (
+        ["session"] + ["fit_epoch", "checkpoint"] * 3 + ["final", "run_end"])
+    for e in events:
+        assert e["schema"] == 1 and e["run_id"] == "run-a" and e["ts"] > 0
+    assert events[1]["nulls"] == ["metrics.val/mAP"]
+    assert events[-1]["payload"] == {"status": "completed", "error": None}
+    assert not list((spool_dir / "run-a").glob("*.log")), "a delivered run leaves no segments"
+
+
+def test_redis_down_for_the_whole_run_then_drained_by_the_detached_drainer(own_redis, namespace, spool_dir):
+    bus = publisher(own_redis.url, namespace, spool_dir, run_id="offline", exit_flush_s=0.3)
+    accepted = [bus.metrics(i, {"loss": i}) for i in range(300)]
+    started = time.monotonic()
+    assert bus.close() is False, "nothing can be flushed while Redis is down"
+    assert time.monotonic() - started < 2.0, "exit flush is bounded by TRAINBUS_EXIT_FLUSH_S"
+    assert None not in accepted
+    own_redis.start()
+    client = redis.Redis.from_url(own_redis.url)
+    keys = Keys(namespace)
+    wait_for(lambda: len(stream_events(client, keys)) == 301, timeout=60)
+    events = stream_events(client, keys)
+    assert [e["seq"] for e in events] == list(range(301))
+    wait_for(lambda: not list((spool_dir / "offline").glob("*.log")), timeout=10)
+
+
+def test_redis_outage_mid_run_is_survived_in_process(own_redis, namespace, spool_dir, tmp_path):
+    own_redis.extra = ("--appendonly", "yes")
+    own_redis.start()
+    bus = publisher(own_redis.url, namespace, spool_dir, run_id="flaky")
+    client = redis.Redis.from_url(own_redis.url)
+    keys = Keys(namespace)
+    for i in range(50):
+        bus.metrics(i, {"loss": i})
+    wait_for(lambda: len(stream_events(client, keys)) == 50)
+    own_redis.stop()
+    for i in range(50, 120):
+        assert bus.metrics(i, {"loss": i}) is not None
+    own_redis.start()
+    for i in range(120, 150):
+        bus.metrics(i, {"loss": i})
+    assert bus.close() is True
+    assert [e["payload"]["epoch"] for e in stream_events(client, keys)[:150]] == list(range(150))
+
+
+def test_close_is_bounded_when_redis_is_unreachable(namespace, spool_dir):
+    bus = publisher(UNREACHABLE, namespace, spool_dir, exit_flush_s=0.5)
+    bus.metrics(0, {"loss": 1})
+    started = time.monotonic()
+    assert bus.close() is False
+    assert time.monotonic() - started < 1.5
+
+
+def test_restarted_run_continues_its_sequence(redis_url, namespace, spool_dir, client, keys):
+    with publisher(redis_url, namespace, spool_dir, run_id="again") as bus:
+        bus.metrics(0, {"loss": 1})
+    with publisher(redis_url, namespace, spool_dir, run_id="again") as bus:
+        bus.metrics(1, {"loss": 1})
+    assert [e["seq"] for e in stream_events(client, keys)] == [0, 1, 2, 3]
+
+
+def test_a_second_live_writer_of_the_same_run_is_refused(redis_url, namespace, spool_dir):
+    with publisher(redis_url, namespace, spool_dir, run_id="mine"):
+        with pytest.raises(SpoolBusy, match="another process is writing run 'mine'"):
+            publisher(redis_url, namespace, spool_dir, run_id="mine")
+
+
+def test_liveness_key_lives_while_the_run_does(redis_url, namespace, spool_dir, client, keys):
+    bus = publisher(redis_url, namespace, spool_dir, run_id="alive")
+    bus.session({})
+    wait_for(lambda: client.exists(keys.alive("alive")))
+    assert 0 < client.ttl(keys.alive("alive")) <= 30
+    bus.end("completed")
+    wait_for(lambda: not client.exists(keys.alive("alive")))
+    bus.close()
+
+
+def test_secrets_never_reach_redis(redis_url, namespace, spool_dir, client, monkeypatch):
+    hub_key, clearml_secret = "A" * 42, "clearml-secret-value-123"
+    monkeypatch.setenv("TRAINBUS_HUB_API_KEY", hub_key)
+    monkeypatch.setenv("CLEARML_API_SECRET_KEY", clearml_secret)
+    with publisher(redis_url, namespace, spool_dir, hub_model=f"{'B' * 42}_{'m' * 20}") as bus:
+        bus.session({"model": f"https://hub.ultralytics.com/models/{'m' * 20}?api_key={'C' * 42}",
+                     "note": f"key={hub_key} secret={clearml_secret}"})
+        bus.metrics(0, {"k": "B" * 42})
+    dump = b"".join(
+        client.dump(k) or b"" for k in client.scan_iter(match=f"{namespace}:*"))
+    dump += b"".join(f[b"event"] for _, f in client.xrange(f"{namespace}:events"))
+    for secret in (hub_key, clearml_secret, "B" * 42, "C" * 42):
+        assert secret.encode() not in dump
+    session = stream_events(client, Keys(namespace))[0]
+    assert session["payload"]["hub_model_id"] == "m" * 20
+    assert session["payload"]["args"]["model"] == "m" * 20
+
+
+def test_bad_calls_never_raise_into_training(redis_url, namespace, spool_dir, caplog, client, keys):
+    with publisher(redis_url, namespace, spool_dir) as bus, caplog.at_level(logging.ERROR):
+        assert bus.publish("no-such-type", {}) is None
+        assert bus.metrics(0, {"huge": "x" * (2 << 20)}) is not None
+        assert bus.checkpoint("/does/not/exist.pt", 0) is not None
+    events = stream_events(client, keys)
+    assert events[0]["payload"]["truncated"] is True and events[0]["payload"]["keys"] == ["epoch", "metrics"]
+    assert "cannot stat" in events[1]["payload"]["checkpoint"]["error"]
+
+
+def test_full_spool_drops_metrics_keeps_the_rest_and_reports(own_redis, namespace, spool_dir, tmp_path):
+    ckpt = tmp_path / "last.pt"
+    ckpt.write_bytes(b"w")
+    bus = publisher(own_redis.url, namespace, spool_dir, run_id="full", spool_max_mb=0.02)
+    results = [bus.metrics(i, {"loss": i, "pad": "x" * 200}) for i in range(200)]
+    dropped = results.count(None)
+    assert 0 < dropped < 200
+    assert bus.checkpoint(ckpt, 1) is not None, "checkpoints are kept past the limit"
+    own_redis.start()
+    client = redis.Redis.from_url(own_redis.url)
+    keys = Keys(namespace)
+    wait_for(lambda: len(stream_events(client, keys)) == 200 - dropped + 1)
+    bus.metrics(200, {"loss": 200})
+    bus.close()
+    events = stream_events(client, keys)
+    overflow = [e for e in events if e["type"] == "spool_overflow"]
+    assert overflow and overflow[0]["payload"]["dropped"] == {"fit_epoch": dropped}
+    assert [e["seq"] for e in events] == list(range(len(events)))

@@ -1,0 +1,86 @@
+"""Settings: defaults, errors that name the variable, HUB keys stripped and never echoed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.errors import SettingsError
+from shared.hub_model import parse_hub_model
+from shared.settings import Settings, redact_url
+
+KEY = "k" * 42
+MODEL = "AbCdEfGhIjKlMnOpQrSt"
+
+
+def test_defaults():
+    s = Settings.from_env({"HOME": "/home/u"})
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
+    assert s.namespace == "trainbus"
+    assert s.exit_flush_s == 5.0
+    assert s.hub_model is None and s.clearml_project is None
+    assert s.spool_dir == Path.home() / ".local/state/trainbus/spool"
+    assert len(s.run_id) > 10
+
+
+def test_environment_and_overrides():
+    env = {
+        "TRAINBUS_REDIS_URL": "rediss://user:pw@redis.example:6380/2",
+        "TRAINBUS_RUN_ID": "exp_7-a",
+        "TRAINBUS_HUB_MODEL": f"{KEY}_{MODEL}",
+        "TRAINBUS_CLEARML_PROJECT": "detectors",
+        "TRAINBUS_SPOOL_DIR": "/tmp/spool-x",
+        "TRAINBUS_EXIT_FLUSH_S": "1.5",
+    }
+    s = Settings.from_env(env, exit_flush_s=0.5)
+    assert s.run_id == "exp_7-a" and s.clearml_project == "detectors"
+    assert s.hub_model.model_id == MODEL and s.hub_model.api_key == KEY
+    assert KEY not in repr(s)
+    assert s.spool_dir == Path("/tmp/spool-x") and s.exit_flush_s == 0.5
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("TRAINBUS_REDIS_URL", "http://x:6379", "scheme 'http'"),
+        ("TRAINBUS_REDIS_URL", "redis://:6379/0", "no host"),
+        ("TRAINBUS_REDIS_URL", "redis://h:99999/0", "port"),
+        ("TRAINBUS_REDIS_URL", "redis://h:6379/db", "database 'db'"),
+        ("TRAINBUS_RUN_ID", "has space", "letters, digits"),
+        ("TRAINBUS_EXIT_FLUSH_S", "soon", "not a number of seconds"),
+        ("TRAINBUS_EXIT_FLUSH_S", "-1", "must be >= 0"),
+        ("TRAINBUS_SPOOL_MAX_MB", "0", "must be > 0"),
+        ("TRAINBUS_HUB_MODEL", "nope", "HUB model URL"),
+    ],
+)
+def test_bad_values_name_the_variable(variable, value, message):
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({variable: value})
+    assert err.value.variable == variable
+    assert str(err.value).startswith(f"{variable}: ") and message in str(err.value)
+
+
+def test_a_bad_hub_identifier_never_echoes_the_key():
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"TRAINBUS_HUB_MODEL": f"{KEY}_short"})
+    assert KEY not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "identifier",
+    [
+        f"https://hub.ultralytics.com/models/{MODEL}",
+        f"https://hub.ultralytics.com/models/{MODEL}/",
+        f"https://hub.ultralytics.com/models/{MODEL}?api_key={KEY}",
+        f"{KEY}_{MODEL}",
+        MODEL,
+    ],
+)
+def test_hub_identifiers_reduce_to_the_model_id(identifier):
+    assert parse_hub_model(identifier).model_id == MODEL
+
+
+def test_redact_url():
+    assert redact_url("redis://u:secret@h:1/0") == "redis://u:***@h:1/0"
+    assert redact_url("redis://h:1/0") == "redis://h:1/0"
