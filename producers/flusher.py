@@ -114,7 +114,9 @@ class Pusher:
                 return []
             if self._position is None or self._position.segment not in segments:
                 self._position = Position(segments[0], 0)
-            records, end = read_records(self._position.segment, self._position.offset, BATCH_RECORDS)
+            writer = self.writer
+            bound = writer.end if writer is not None and writer.segment == self._position.segment else None
+            records, end = read_records(self._position.segment, self._position.offset, BATCH_RECORDS, bound)
             if records:
                 return records
             if end != self._position.offset:  # only corrupt lines: step over them

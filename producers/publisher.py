@@ -24,6 +24,7 @@ import logging
 import os
 import platform
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -73,6 +74,7 @@ class Publisher:
         self._dropped: Counter[str] = Counter()
         self._failures = 0
         self._secrets = _secrets_of(self.settings)
+        self.drainer: subprocess.Popen | None = None  # started at close when Redis had not taken everything
 
         self._run = RunSpool(self.settings.spool_dir, self.run_id)
         self._run.create()
@@ -264,7 +266,7 @@ class Publisher:
 
     def _spawn_drainer(self, run_ids: list[str]) -> None:
         try:
-            spawn_drainer(self.settings.spool_dir, self.settings.redis_url, self.settings.namespace, run_ids)
+            self.drainer = spawn_drainer(self.settings.spool_dir, self.settings.redis_url, self.settings.namespace, run_ids)
         except OSError as exc:
             log.error("could not start a drainer (%s); run `trainbus spool replay` to push %s", exc, run_ids)
 

@@ -191,13 +191,9 @@ class Snapshotter:
     def _prune(self) -> None:
         """Keep the newest snapshot, the newest best, and finals; the rest is superseded."""
         snaps = sorted(p for p in self.dir.iterdir() if "-" in p.name and not p.name.endswith(".part"))
-        if not snaps:
-            return
-        keep = {snaps[-1]}
-        keep.update(p for p in snaps if "-final" in p.name)
-        best = [p for p in snaps if "-best" in p.name]
-        if best:
-            keep.add(best[-1])
+        periodic = [p for p in snaps if "-final" not in p.name]
+        best = [p for p in periodic if "-best" in p.name]
+        keep = {p for p in snaps if "-final" in p.name} | set(periodic[-1:]) | set(best[-1:])
         for path in snaps:
             if path not in keep:
                 path.unlink(missing_ok=True)

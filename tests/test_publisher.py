@@ -82,6 +82,8 @@ def test_close_is_bounded_when_redis_is_unreachable(namespace, spool_dir):
     started = time.monotonic()
     assert bus.close() is False
     assert time.monotonic() - started < 1.5
+    assert bus.drainer is not None and bus.drainer.poll() is None, "a drainer keeps trying"
+    bus.drainer.kill()
 
 
 def test_restarted_run_continues_its_sequence(redis_url, namespace, spool_dir, client, keys):
