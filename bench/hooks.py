@@ -17,6 +17,7 @@ Prints p50/p99/max in microseconds and the p99 ratio against trainbus (Redis up)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import statistics
 import sys
@@ -34,12 +35,19 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from producers import Publisher  # noqa: E402
+from producers import Publisher
 
 METRICS = {
-    "train/box_loss": 1.2345, "train/cls_loss": 0.9876, "train/dfl_loss": 1.1111,
-    "metrics/precision(B)": 0.61, "metrics/recall(B)": 0.52, "metrics/mAP50(B)": 0.55,
-    "metrics/mAP50-95(B)": 0.37, "val/box_loss": 1.3, "val/cls_loss": 1.0, "val/dfl_loss": 1.2,
+    "train/box_loss": 1.2345,
+    "train/cls_loss": 0.9876,
+    "train/dfl_loss": 1.1111,
+    "metrics/precision(B)": 0.61,
+    "metrics/recall(B)": 0.52,
+    "metrics/mAP50(B)": 0.55,
+    "metrics/mAP50-95(B)": 0.37,
+    "val/box_loss": 1.3,
+    "val/cls_loss": 1.0,
+    "val/dfl_loss": 1.2,
 }
 
 
@@ -62,7 +70,7 @@ def measure(call: Callable[[int], object], calls: int, interval_s: float) -> lis
 
 
 class Ok(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.send_response(200)
         self.send_header("Content-Length", "2")
@@ -88,17 +96,23 @@ def run(calls: int, redis_url: str, interval_s: float) -> list[tuple[str, list[f
         results.append(("trainbus, Redis up", measure(lambda i: bus.metrics(i, METRICS), calls, interval_s)))
         bus.close(timeout=30)
     with tempfile.TemporaryDirectory() as spool:
-        bus = Publisher(redis_url="redis://127.0.0.1:1/0", namespace=namespace, spool_dir=spool,
-                        spool_max_mb=4096)
-        results.append(("trainbus, Redis unreachable",
-                         measure(lambda i: bus.metrics(i, METRICS), calls, interval_s)))
+        bus = Publisher(redis_url="redis://127.0.0.1:1/0", namespace=namespace, spool_dir=spool, spool_max_mb=4096)
+        results.append(("trainbus, Redis unreachable", measure(lambda i: bus.metrics(i, METRICS), calls, interval_s)))
         bus.close(timeout=0)
         if bus.drainer is not None:
             bus.drainer.kill()  # it would keep trying the unreachable Redis for a day
 
     stream = f"{namespace}:xadd"
-    results.append(("redis-py XADD (sync)", measure(
-        lambda i: client.xadd(stream, {"event": orjson.dumps({"epoch": i, "metrics": METRICS})}), calls, interval_s)))
+    results.append(
+        (
+            "redis-py XADD (sync)",
+            measure(
+                lambda i: client.xadd(stream, {"event": orjson.dumps({"epoch": i, "metrics": METRICS})}),
+                calls,
+                interval_s,
+            ),
+        )
+    )
 
     ThreadingHTTPServer.request_queue_size = 1024
     server = ThreadingHTTPServer(("127.0.0.1", 0), Ok)
@@ -106,10 +120,8 @@ def run(calls: int, redis_url: str, interval_s: float) -> list[tuple[str, list[f
     url = f"http://127.0.0.1:{server.server_address[1]}/v1/models/x"
 
     def post_swallowing_errors(payload: dict) -> None:
-        try:  # the HUB client swallowed every error too
+        with contextlib.suppress(requests.RequestException):  # the HUB client swallowed every error too
             requests.post(url, json=payload, timeout=10)
-        except requests.RequestException:
-            pass
 
     def thread_per_upload(i: int) -> None:
         payload = {"metrics": {str(i): orjson.dumps(METRICS).decode()}, "type": "metrics"}
@@ -132,8 +144,10 @@ def table(results: list[tuple[str, list[float]]]) -> str:
     lines = [f"{'case':<30} {'calls':>7} {'p50 µs':>9} {'p99 µs':>9} {'max µs':>10} {'p99 vs trainbus':>16}"]
     for name, samples in results:
         p99 = percentile(samples, 99)
-        lines.append(f"{name:<30} {len(samples):>7} {statistics.median(samples):>9.1f} {p99:>9.1f} "
-                     f"{max(samples):>10.1f} {p99 / ref:>15.2f}x")
+        lines.append(
+            f"{name:<30} {len(samples):>7} {statistics.median(samples):>9.1f} {p99:>9.1f} "
+            f"{max(samples):>10.1f} {p99 / ref:>15.2f}x"
+        )
     return "\n".join(lines)
 
 
@@ -141,8 +155,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=20000, help="calls per case (default 20000)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--interval-us", type=float, default=0.0,
-                        help="pause between calls, to mimic a slower training loop (default: none)")
+    parser.add_argument(
+        "--interval-us",
+        type=float,
+        default=0.0,
+        help="pause between calls, to mimic a slower training loop (default: none)",
+    )
     args = parser.parse_args()
     results = run(args.calls, args.redis_url, args.interval_us / 1e6)
     print(table(results))

@@ -61,8 +61,9 @@ def connect(redis_url: str) -> redis.Redis:
 class Pusher:
     """Pushes one run's spooled records to the stream, in order, each exactly once."""
 
-    def __init__(self, run: RunSpool, client: redis.Redis, keys: Keys, snapshots: Snapshotter,
-                 writer: SpoolWriter | None = None) -> None:
+    def __init__(
+        self, run: RunSpool, client: redis.Redis, keys: Keys, snapshots: Snapshotter, writer: SpoolWriter | None = None
+    ) -> None:
         self.run = run
         self.client = client
         self.keys = keys
@@ -263,8 +264,12 @@ class Flusher:
         if up and not self._redis_up:
             log.warning("run %s: Redis is reachable again; pushing the spool", self.pusher.run.run_id)
         elif not up and self._redis_up:
-            log.warning("run %s: Redis unreachable (%s); events stay in the spool at %s",
-                        self.pusher.run.run_id, exc, self.pusher.run.dir)
+            log.warning(
+                "run %s: Redis unreachable (%s); events stay in the spool at %s",
+                self.pusher.run.run_id,
+                exc,
+                self.pusher.run.dir,
+            )
         self._redis_up = up
         if up:
             self._attempt = 0

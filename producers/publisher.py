@@ -122,16 +122,27 @@ class Publisher:
             if secret in data:
                 data = data.replace(secret, b"***")
         if len(data) > MAX_EVENT_BYTES:
-            log.error("%s event of run %s is %d bytes (limit %d); sent without its payload",
-                      type, self.run_id, len(data), MAX_EVENT_BYTES)
+            log.error(
+                "%s event of run %s is %d bytes (limit %d); sent without its payload",
+                type,
+                self.run_id,
+                len(data),
+                MAX_EVENT_BYTES,
+            )
             keys = sorted(str(k) for k in payload)[:100]
-            data = encode_event(self.run_id, seq, time.time(), type,
-                                {"truncated": True, "bytes": len(data), "keys": keys})
+            data = encode_event(
+                self.run_id, seq, time.time(), type, {"truncated": True, "bytes": len(data), "keys": keys}
+            )
         if not self._writer.append(seq, type, data, keep_when_full=type in KEPT_WHEN_FULL):
             if not self._dropped:
-                log.warning("spool of run %s is full (%g MB at %s): dropping %s events and "
-                            "counting them until Redis takes the backlog",
-                            self.run_id, self.settings.spool_max_mb, self._run.dir, type)
+                log.warning(
+                    "spool of run %s is full (%g MB at %s): dropping %s events and "
+                    "counting them until Redis takes the backlog",
+                    self.run_id,
+                    self.settings.spool_max_mb,
+                    self._run.dir,
+                    type,
+                )
             self._dropped[type] += 1
             return None
         if "checkpoint" in payload:
@@ -140,8 +151,15 @@ class Publisher:
 
     # -- what training code calls ----------------------------------------------------
 
-    def session(self, args: Mapping[str, Any] | None = None, *, name: str | None = None,
-                project: str | None = None, model: str | None = None, **extra: Any) -> int | None:
+    def session(
+        self,
+        args: Mapping[str, Any] | None = None,
+        *,
+        name: str | None = None,
+        project: str | None = None,
+        model: str | None = None,
+        **extra: Any,
+    ) -> int | None:
         """The run starts: its arguments, names, HUB model, host and library versions."""
         hub = self.settings.hub_model
         if model:
@@ -171,34 +189,53 @@ class Publisher:
     def checkpoint(self, path: str | os.PathLike[str], epoch: int, *, is_best: bool = False) -> int | None:
         """A checkpoint was saved; a snapshot is taken off this thread before the next save."""
         label = "best" if is_best else "last"
-        return self.publish(EventType.CHECKPOINT, {
-            "epoch": epoch, "is_best": is_best, "checkpoint": checkpoint_request(path, label)})
+        return self.publish(
+            EventType.CHECKPOINT, {"epoch": epoch, "is_best": is_best, "checkpoint": checkpoint_request(path, label)}
+        )
 
-    def media(self, kind: str, title: str, *, paths: Iterable[str | os.PathLike[str]] = (),
-              directory: str | os.PathLike[str] | None = None, pattern: str | None = None,
-              names: Iterable[str] = (), iteration: int | None = None) -> int | None:
+    def media(
+        self,
+        kind: str,
+        title: str,
+        *,
+        paths: Iterable[str | os.PathLike[str]] = (),
+        directory: str | os.PathLike[str] | None = None,
+        pattern: str | None = None,
+        names: Iterable[str] = (),
+        iteration: int | None = None,
+    ) -> int | None:
         """Images or plots on disk, by path: workers read them (under TRAINBUS_FILE_ROOTS).
 
         ``kind`` is ``"debug"`` (debug samples) or ``"plot"``. Files that do not exist yet
         can be named by ``directory`` + ``pattern`` (a glob) or ``names``: workers wait
         for them within a bound.
         """
-        return self.publish(EventType.MEDIA, {
-            "kind": kind, "title": title, "paths": [str(p) for p in paths],
-            "dir": str(directory) if directory is not None else None,
-            "pattern": pattern, "names": list(names), "iteration": iteration})
+        return self.publish(
+            EventType.MEDIA,
+            {
+                "kind": kind,
+                "title": title,
+                "paths": [str(p) for p in paths],
+                "dir": str(directory) if directory is not None else None,
+                "pattern": pattern,
+                "names": list(names),
+                "iteration": iteration,
+            },
+        )
 
     def lifecycle(self, type: str | EventType, **payload: Any) -> int | None:
         """A moment without data of its own: pretrain_end, train_start, val_start, ..."""
         return self.publish(type, payload)
 
-    def final(self, best: str | os.PathLike[str], epoch: int, metrics: Mapping[str, Any], *,
-              map50_95: float | None = None) -> int | None:
+    def final(
+        self, best: str | os.PathLike[str], epoch: int, metrics: Mapping[str, Any], *, map50_95: float | None = None
+    ) -> int | None:
         """Training finished: the best checkpoint (snapshotted) and the final metrics."""
         self._final_sent = True
-        return self.publish(EventType.FINAL, {
-            "epoch": epoch, "metrics": metrics, "map50_95": map50_95,
-            "checkpoint": checkpoint_request(best, "final")})
+        return self.publish(
+            EventType.FINAL,
+            {"epoch": epoch, "metrics": metrics, "map50_95": map50_95, "checkpoint": checkpoint_request(best, "final")},
+        )
 
     def end(self, status: str = "completed", error: str | None = None) -> int | None:
         """The run is over (``completed``, ``failed`` or ``stopped``); liveness stops."""
@@ -231,9 +268,13 @@ class Publisher:
         self._run.writer_lock.release()
         atexit.unregister(self.close)
         if not flushed:
-            log.warning("run %s: %d events not in Redis after %.1f s; a drainer process keeps "
-                        "pushing them (log: %s)", self.run_id, last - (self._flusher.pusher.pushed or -1),
-                        budget, self.settings.spool_dir / "drain.log")
+            log.warning(
+                "run %s: %d events not in Redis after %.1f s; a drainer process keeps pushing them (log: %s)",
+                self.run_id,
+                last - (self._flusher.pusher.pushed or -1),
+                budget,
+                self.settings.spool_dir / "drain.log",
+            )
             self._spawn_drainer([self.run_id])
         else:
             self._flusher.pusher.push_available()  # retire the last segment now the writer is gone
@@ -254,8 +295,10 @@ class Publisher:
             if self._run.writer_lock.acquire():
                 return
             time.sleep(0.02)
-        raise SpoolBusy(f"another process is writing run {self.run_id!r} in {self._run.dir}; "
-                        "use another TRAINBUS_RUN_ID or stop that process")
+        raise SpoolBusy(
+            f"another process is writing run {self.run_id!r} in {self._run.dir}; "
+            "use another TRAINBUS_RUN_ID or stop that process"
+        )
 
     def _hand_off_orphans(self) -> None:
         """Spools left by killed processes: a detached drainer pushes them."""
@@ -266,7 +309,8 @@ class Publisher:
 
     def _spawn_drainer(self, run_ids: list[str]) -> None:
         try:
-            self.drainer = spawn_drainer(self.settings.spool_dir, self.settings.redis_url, self.settings.namespace, run_ids)
+            s = self.settings
+            self.drainer = spawn_drainer(s.spool_dir, s.redis_url, s.namespace, run_ids)
         except OSError as exc:
             log.error("could not start a drainer (%s); run `trainbus spool replay` to push %s", exc, run_ids)
 

@@ -188,7 +188,7 @@ class SpoolWriter:
         if self.end + size > self._size:
             self._rotate(seq, max(SEGMENT_BYTES, size))
         assert self._map is not None
-        self._map[self.end:self.end + size - 1] = body
+        self._map[self.end : self.end + size - 1] = body
         self._map[self.end + size - 1] = NEWLINE
         self.end += size
         self._appended += size
@@ -221,8 +221,12 @@ class SpoolWriter:
         self._map, self._size, self.segment, self.end = new_map, size, path, 0
 
 
-def read_records(segment: Path, offset: int, limit: int = 1 << 30, end: int | None = None,
-                 ) -> tuple[list[Record], int]:
+def read_records(
+    segment: Path,
+    offset: int,
+    limit: int = 1 << 30,
+    end: int | None = None,
+) -> tuple[list[Record], int]:
     """Whole records of ``segment`` from ``offset``: (records, offset after the last one).
 
     ``end``, when known (the writer's position), bounds the read; otherwise the unused,

@@ -88,13 +88,13 @@ class UltralyticsHooks:
         lr = getattr(trainer, "lr", None) or {}
         self.bus().metrics(epoch, _train_losses(trainer), stage="train", lr=dict(lr))
         if epoch == 0 and getattr(trainer, "save_dir", None):
-            self.bus().media("debug", "Mosaic", directory=trainer.save_dir, pattern="train_batch*.jpg",
-                             iteration=epoch)
+            self.bus().media("debug", "Mosaic", directory=trainer.save_dir, pattern="train_batch*.jpg", iteration=epoch)
 
     def on_fit_epoch_end(self, trainer: Any) -> None:
         epoch = getattr(trainer, "epoch", None)
         final_eval = epoch in self._fit_epochs_seen or (
-            isinstance(epoch, int) and epoch >= (getattr(trainer, "epochs", None) or sys.maxsize))
+            isinstance(epoch, int) and epoch >= (getattr(trainer, "epochs", None) or sys.maxsize)
+        )
         self._fit_epochs_seen.add(epoch)
         metrics = {**_train_losses(trainer), **(getattr(trainer, "metrics", None) or {})}
         extra: dict[str, Any] = {"epoch_time": getattr(trainer, "epoch_time", None), "final_eval": final_eval}
@@ -113,10 +113,10 @@ class UltralyticsHooks:
         if save_dir:
             bus.media("plot", "Results", directory=save_dir, names=PLOT_NAMES, pattern=PLOT_PATTERN)
         metrics = getattr(trainer, "metrics", None) or {}
-        validator_metrics = getattr(getattr(getattr(trainer, "validator", None), "metrics", None),
-                                    "results_dict", None)
-        bus.final(trainer.best, getattr(trainer, "epoch", 0), validator_metrics or metrics,
-                  map50_95=metrics.get(MAP_KEY, 0))
+        validator_metrics = getattr(getattr(getattr(trainer, "validator", None), "metrics", None), "results_dict", None)
+        bus.final(
+            trainer.best, getattr(trainer, "epoch", 0), validator_metrics or metrics, map50_95=metrics.get(MAP_KEY, 0)
+        )
         bus.end("completed")
 
     # -- validator, predictor, exporter -----------------------------------------------

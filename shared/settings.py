@@ -60,9 +60,7 @@ class Settings:
         if not NAMESPACE_PATTERN.match(self.namespace):
             raise SettingsError("TRAINBUS_NAMESPACE", "use 1-64 letters, digits, '.', '_' or '-'")
         if not RUN_ID_PATTERN.match(self.run_id):
-            raise SettingsError(
-                "TRAINBUS_RUN_ID", f"{self.run_id[:80]!r}: use 1-64 letters, digits, '_' or '-'"
-            )
+            raise SettingsError("TRAINBUS_RUN_ID", f"{self.run_id[:80]!r}: use 1-64 letters, digits, '_' or '-'")
         if self.exit_flush_s < 0:
             raise SettingsError("TRAINBUS_EXIT_FLUSH_S", f"{self.exit_flush_s}: must be >= 0 seconds")
         if self.spool_max_mb <= 0:
@@ -129,8 +127,7 @@ def check_redis_url(variable: str, url: str) -> None:
     if parsed.scheme not in REDIS_SCHEMES:
         raise SettingsError(
             variable,
-            f"scheme {parsed.scheme!r} is not one of {', '.join(REDIS_SCHEMES)} "
-            "(e.g. redis://127.0.0.1:6379/0)",
+            f"scheme {parsed.scheme!r} is not one of {', '.join(REDIS_SCHEMES)} (e.g. redis://127.0.0.1:6379/0)",
         )
     if parsed.scheme != "unix" and not parsed.hostname:
         raise SettingsError(variable, "the URL has no host (e.g. redis://127.0.0.1:6379/0)")

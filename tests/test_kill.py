@@ -20,10 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_child(run_id: str, count: int, redis_url: str, namespace: str, spool_dir: Path, *flags: str):
-    env = dict(os.environ, TRAINBUS_REDIS_URL=redis_url, TRAINBUS_NAMESPACE=namespace,
-               TRAINBUS_SPOOL_DIR=str(spool_dir), PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-m", "tests.producer_child", run_id, str(count), *flags],
-                            stdout=subprocess.PIPE, env=env, cwd=ROOT, text=True)
+    env = dict(
+        os.environ,
+        TRAINBUS_REDIS_URL=redis_url,
+        TRAINBUS_NAMESPACE=namespace,
+        TRAINBUS_SPOOL_DIR=str(spool_dir),
+        PYTHONPATH=str(ROOT),
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.producer_child", run_id, str(count), *flags],
+        stdout=subprocess.PIPE,
+        env=env,
+        cwd=ROOT,
+        text=True,
+    )
 
 
 def accepted_then_kill(child: subprocess.Popen, after: int | None = None) -> list[int]:
@@ -46,14 +56,13 @@ def test_killed_with_redis_down_then_trainbus_spool_replay(own_redis, namespace,
     assert seqs == list(range(200))
     own_redis.start()
     env = dict(os.environ, TRAINBUS_REDIS_URL=own_redis.url, TRAINBUS_NAMESPACE=namespace)
-    out = subprocess.run([sys.executable, "-m", "workers.cli", "spool", "replay", "--spool-dir", str(spool_dir)],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    replay = [sys.executable, "-m", "workers.cli", "spool", "replay", "--spool-dir", str(spool_dir)]
+    out = subprocess.run(replay, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "done: 200 events pushed; 1 run(s) fully delivered" in out.stdout
     events = stream_events(redis.Redis.from_url(own_redis.url), Keys(namespace))
     assert [e["seq"] for e in events] == seqs
-    again = subprocess.run([sys.executable, "-m", "workers.cli", "spool", "replay", "--spool-dir", str(spool_dir)],
-                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    again = subprocess.run(replay, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "nothing to replay" in again.stdout
 
 
@@ -67,8 +76,9 @@ def test_killed_with_redis_down_then_delivered_by_the_next_producer_start(own_re
     assert [e["seq"] for e in stream_events(client, keys) if e["run_id"] == "killed"] == seqs
 
 
-def test_repeated_kills_mid_stream_deliver_every_accepted_event_exactly_once(redis_url, namespace, spool_dir,
-                                                                              client, keys):
+def test_repeated_kills_mid_stream_deliver_every_accepted_event_exactly_once(
+    redis_url, namespace, spool_dir, client, keys
+):
     rng = random.Random(7)
     accepted: list[int] = []
     for _ in range(4):

@@ -32,8 +32,7 @@ def test_events_arrive_once_in_order_with_envelope(redis_url, namespace, spool_d
         bus.final(ckpt, 2, {"val/mAP": 0.5}, map50_95=0.5)
     events = stream_events(client, keys)
     assert [e["seq"] for e in events] == list(range(len(events)))
-    assert [e["type"] for e in events] == (
-        ["session"] + ["fit_epoch", "checkpoint"] * 3 + ["final", "run_end"])
+    assert [e["type"] for e in events] == (["session"] + ["fit_epoch", "checkpoint"] * 3 + ["final", "run_end"])
     for e in events:
         assert e["schema"] == 1 and e["run_id"] == "run-a" and e["ts"] > 0
     assert events[1]["nulls"] == ["metrics.val/mAP"]
@@ -95,9 +94,11 @@ def test_restarted_run_continues_its_sequence(redis_url, namespace, spool_dir, c
 
 
 def test_a_second_live_writer_of_the_same_run_is_refused(redis_url, namespace, spool_dir):
-    with publisher(redis_url, namespace, spool_dir, run_id="mine"):
-        with pytest.raises(SpoolBusy, match="another process is writing run 'mine'"):
-            publisher(redis_url, namespace, spool_dir, run_id="mine")
+    with (
+        publisher(redis_url, namespace, spool_dir, run_id="mine"),
+        pytest.raises(SpoolBusy, match="another process is writing run 'mine'"),
+    ):
+        publisher(redis_url, namespace, spool_dir, run_id="mine")
 
 
 def test_liveness_key_lives_while_the_run_does(redis_url, namespace, spool_dir, client, keys):
@@ -115,11 +116,14 @@ def test_secrets_never_reach_redis(redis_url, namespace, spool_dir, client, monk
     monkeypatch.setenv("TRAINBUS_HUB_API_KEY", hub_key)
     monkeypatch.setenv("CLEARML_API_SECRET_KEY", clearml_secret)
     with publisher(redis_url, namespace, spool_dir, hub_model=f"{'B' * 42}_{'m' * 20}") as bus:
-        bus.session({"model": f"https://hub.ultralytics.com/models/{'m' * 20}?api_key={'C' * 42}",
-                     "note": f"key={hub_key} secret={clearml_secret}"})
+        bus.session(
+            {
+                "model": f"https://hub.ultralytics.com/models/{'m' * 20}?api_key={'C' * 42}",
+                "note": f"key={hub_key} secret={clearml_secret}",
+            }
+        )
         bus.metrics(0, {"k": "B" * 42})
-    dump = b"".join(
-        client.dump(k) or b"" for k in client.scan_iter(match=f"{namespace}:*"))
+    dump = b"".join(client.dump(k) or b"" for k in client.scan_iter(match=f"{namespace}:*"))
     dump += b"".join(f[b"event"] for _, f in client.xrange(f"{namespace}:events"))
     for secret in (hub_key, clearml_secret, "B" * 42, "C" * 42):
         assert secret.encode() not in dump

@@ -36,7 +36,7 @@ def rewrite_in_place_slowly(path, data: bytes, chunks: int = 64) -> None:
         f.truncate(0)
         step = len(data) // chunks + 1
         for i in range(0, len(data), step):
-            f.write(data[i:i + step])
+            f.write(data[i : i + step])
             f.flush()
             time.sleep(0.0005)
 
@@ -88,7 +88,8 @@ def test_a_half_written_zip_is_refused_even_when_its_stamp_matches(tmp_path):
 
 
 def test_checkpoint_events_carry_a_verified_snapshot_and_old_ones_are_pruned(
-        redis_url, namespace, spool_dir, client, keys, tmp_path):
+    redis_url, namespace, spool_dir, client, keys, tmp_path
+):
     last, best = tmp_path / "last.pt", tmp_path / "best.pt"
     expected = {}
     with Publisher(redis_url=redis_url, namespace=namespace, spool_dir=spool_dir, run_id="ck") as bus:

@@ -26,8 +26,17 @@ class StandInTrainer:
     """Attributes appear when a real trainer sets them, not before."""
 
     def __init__(self, save_dir: Path, epochs: int) -> None:
-        self.args = SimpleNamespace(model="yolov8n.yaml", data="coco8.yaml", epochs=epochs, imgsz=64,
-                                    name="train", project=None, task="detect", batch=2, save_dir=save_dir)
+        self.args = SimpleNamespace(
+            model="yolov8n.yaml",
+            data="coco8.yaml",
+            epochs=epochs,
+            imgsz=64,
+            name="train",
+            project=None,
+            task="detect",
+            batch=2,
+            save_dir=save_dir,
+        )
         self.save_dir = save_dir
         self.epochs = epochs
         self.fitness = self.best_fitness = None
@@ -41,7 +50,7 @@ class StandInTrainer:
         if loss_items is None:
             return keys
         values = loss_items.values() if isinstance(loss_items, dict) else loss_items
-        return {k: round(float(v), 5) for k, v in zip(keys, values)}
+        return {k: round(float(v), 5) for k, v in zip(keys, values, strict=True)}
 
 
 def train(callbacks: dict, save_dir: Path, epochs: int = 3) -> StandInTrainer:
@@ -81,10 +90,16 @@ def train(callbacks: dict, save_dir: Path, epochs: int = 3) -> StandInTrainer:
     return t
 
 
-def test_a_training_publishes_what_hub_and_clearml_callbacks_need(redis_url, namespace, spool_dir, client, keys,
-                                                                 tmp_path):
-    callbacks = make_callbacks(redis_url=redis_url, namespace=namespace, spool_dir=spool_dir, run_id="yolo",
-                               hub_model="https://hub.ultralytics.com/models/" + "m" * 20)
+def test_a_training_publishes_what_hub_and_clearml_callbacks_need(
+    redis_url, namespace, spool_dir, client, keys, tmp_path
+):
+    callbacks = make_callbacks(
+        redis_url=redis_url,
+        namespace=namespace,
+        spool_dir=spool_dir,
+        run_id="yolo",
+        hub_model="https://hub.ultralytics.com/models/" + "m" * 20,
+    )
     assert set(callbacks) == set(CALLBACK_NAMES)
     trainer = train(callbacks, tmp_path / "runs" / "train", epochs=3)
     events = wait_for(lambda: (e := stream_events(client, keys)) and e[-1]["type"] == "run_end" and e)
@@ -129,9 +144,14 @@ def test_a_training_publishes_what_hub_and_clearml_callbacks_need(redis_url, nam
 
 
 def test_module_callbacks_read_the_environment_and_bad_values_stop_the_script(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "TRAINBUS_EXIT_FLUSH_S": "soon",
-           "TRAINBUS_SPOOL_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", "import producers.ultralytics"], env=env, capture_output=True,
-                         text=True, timeout=60)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(ROOT),
+        "TRAINBUS_EXIT_FLUSH_S": "soon",
+        "TRAINBUS_SPOOL_DIR": str(tmp_path),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", "import producers.ultralytics"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode != 0
     assert "TRAINBUS_EXIT_FLUSH_S: 'soon' is not a number of seconds" in out.stderr

@@ -1,7 +1,7 @@
 """The ``trainbus`` command: operator tools around the pipeline.
 
-    trainbus spool status            what the local spool still holds, per run
-    trainbus spool replay [RUN ...]  push what the spool holds to Redis now
+trainbus spool status            what the local spool still holds, per run
+trainbus spool replay [RUN ...]  push what the spool holds to Redis now
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.WARNING if not args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if not args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     try:
         return args.func(args)
     except SettingsError as exc:
@@ -56,8 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("run_ids", nargs="*", metavar="RUN", help="runs to push (default: all)")
     replay.add_argument("--spool-dir", type=Path, help=spool_dir_help)
-    replay.add_argument("--wait", type=float, default=10.0, metavar="S",
-                        help="keep retrying an unreachable Redis this many seconds (default 10)")
+    replay.add_argument(
+        "--wait",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="keep retrying an unreachable Redis this many seconds (default 10)",
+    )
     replay.set_defaults(func=spool_replay)
     return parser
 
@@ -66,8 +73,10 @@ def spool_status(args: argparse.Namespace) -> int:
     from producers.spool import run_dirs
 
     settings = Settings.from_env(spool_dir=args.spool_dir)
-    rows = [(run.run_id, run.pending_bytes(), len(run.segments()), run.writer_lock.is_free())
-            for run in run_dirs(settings.spool_dir)]
+    rows = [
+        (run.run_id, run.pending_bytes(), len(run.segments()), run.writer_lock.is_free())
+        for run in run_dirs(settings.spool_dir)
+    ]
     rows = [r for r in rows if r[2]]
     if not rows:
         print(f"spool {settings.spool_dir}: empty (everything is in Redis)")
