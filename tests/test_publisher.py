@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -160,3 +164,25 @@ def test_full_spool_drops_metrics_keeps_the_rest_and_reports(own_redis, namespac
     overflow = [e for e in events if e["type"] == "spool_overflow"]
     assert overflow and overflow[0]["payload"]["dropped"] == {"fit_epoch": dropped}
     assert [e["seq"] for e in events] == list(range(len(events)))
+
+
+def test_an_uncaught_exception_ends_the_run_as_failed(redis_url, namespace, spool_dir, client, keys, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(
+        "from producers import Publisher\n"
+        f"bus = Publisher(run_id='crash', redis_url={redis_url!r}, namespace={namespace!r},\n"
+        f"                spool_dir={str(spool_dir)!r})\n"
+        "bus.metrics(0, {'loss': 1.0})\n"
+        "raise RuntimeError('boom in training')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
+    )
+    assert out.returncode == 1 and "boom in training" in out.stderr
+    end = stream_events(client, keys)[-1]
+    assert end["type"] == "run_end"
+    assert end["payload"] == {"status": "failed", "error": "RuntimeError('boom in training')"}
