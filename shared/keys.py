@@ -1,19 +1,29 @@
 """Every Redis key trainbus uses, in one place.
 
 All keys start with the namespace (``TRAINBUS_NAMESPACE``, default ``trainbus``) so that
-several deployments, or test runs, can share one Redis server.
+several deployments, or test runs, can share one Redis server. RQ keeps its own keys
+(``rq:*``); the queue names come from here too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_NAMESPACE = "trainbus"
+LIVENESS_TTL_S = 30  # a producer silent this long is considered dead
+LIVENESS_REFRESH_S = 10  # how often a live producer's flusher refreshes its key
+PUSHED_TTL_S = 7 * 24 * 3600  # how long a replayed spool is still deduplicated
+RUN_STATE_TTL_S = 7 * 24 * 3600  # per-run sink state kept after the run is finished
+QUEUES = {"hub": "hub-uploads", "clearml": "clearml"}  # sink -> RQ queue
+
 
 @dataclass(frozen=True, slots=True)
 class Keys:
     """Key names for one namespace."""
 
-    namespace: str = "trainbus"
+    namespace: str = DEFAULT_NAMESPACE
+
+    # -- producer side -------------------------------------------------------------------
 
     @property
     def events(self) -> str:
@@ -32,7 +42,46 @@ class Keys:
         """Liveness key refreshed by the producer's flusher with a short TTL."""
         return f"{self.namespace}:run:{run_id}:alive"
 
+    # -- dispatcher and workers ------------------------------------------------------------
 
-LIVENESS_TTL_S = 30  # a producer silent this long is considered dead
-LIVENESS_REFRESH_S = 10  # how often a live producer's flusher refreshes its key
-PUSHED_TTL_S = 7 * 24 * 3600  # how long a replayed spool is still deduplicated
+    @property
+    def dead_letters(self) -> str:
+        """Stream of entries and uploads that cannot be processed, each with its reason."""
+        return f"{self.namespace}:dead"
+
+    def queue(self, sink: str) -> str:
+        """RQ queue of a sink: ``hub-uploads``/``clearml``, prefixed outside the default namespace."""
+        name = QUEUES[sink]
+        return name if self.namespace == DEFAULT_NAMESPACE else f"{self.namespace}.{name}"
+
+    def state(self, sink: str, run_id: str) -> str:
+        """Hash of a run's state in one sink (model id, counters, rate-limit times, ...)."""
+        return f"{self.namespace}:{sink}:{run_id}:state"
+
+    def pending(self, sink: str, run_id: str, kind: str) -> str:
+        """Hash of work recorded for a run and not yet done, e.g. ``metrics``: epoch -> JSON."""
+        return f"{self.namespace}:{sink}:{run_id}:pending:{kind}"
+
+    def seen(self, sink: str, run_id: str) -> str:
+        """Bitmap of the run's seqs this sink has recorded (to know none is still missing)."""
+        return f"{self.namespace}:{sink}:{run_id}:seen"
+
+    def active(self, sink: str) -> str:
+        """Set of runs with work left in a sink: the dispatcher's sweep looks at these."""
+        return f"{self.namespace}:{sink}:active"
+
+    def due(self, sink: str) -> str:
+        """Sorted set run -> unix time when its drain job should run next."""
+        return f"{self.namespace}:{sink}:due"
+
+    def guard(self, sink: str, run_id: str) -> str:
+        """Set (NX) while a drain job for the run is queued: at most one waits at a time."""
+        return f"{self.namespace}:{sink}:{run_id}:guard"
+
+    def lock(self, sink: str, run_id: str) -> str:
+        """Held by the worker draining the run; expires if that worker dies."""
+        return f"{self.namespace}:{sink}:{run_id}:lock"
+
+    def blocked(self, sink: str, run_id: str) -> str:
+        """Why a run's uploads stopped (bad key, unknown model): set until requeued."""
+        return f"{self.namespace}:{sink}:{run_id}:blocked"

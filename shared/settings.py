@@ -1,25 +1,29 @@
 """Settings read from ``TRAINBUS_*`` environment variables, checked once at start-up.
 
-A bad value raises :class:`SettingsError` naming the variable, before any training starts.
-Secret values are never echoed in an error.
+A bad value raises :class:`SettingsError` naming the variable, before any training or
+uploading starts. Secret values are never echoed in an error or a ``repr``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from shared.errors import SettingsError
 from shared.events import RUN_ID_PATTERN
 from shared.hub_model import HubModelRef, parse_hub_model
+from shared.keys import DEFAULT_NAMESPACE, QUEUES
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_HUB_API_URL = "https://api.ultralytics.com"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # Secrets a training process may have in its environment; never allowed into an event.
@@ -30,8 +34,10 @@ SECRET_ENV_VARS = (
     "CLEARML_API_SECRET_KEY",
 )
 
+T = TypeVar("T")
 
-def default_spool_dir(env: Mapping[str, str]) -> Path:
+
+def default_spool_dir(env: Mapping[str, str] = os.environ) -> Path:
     """``$XDG_STATE_HOME/trainbus/spool``, else ``~/.local/state/trainbus/spool``."""
     state_home = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(state_home) / "trainbus" / "spool"
@@ -42,69 +48,20 @@ def generate_run_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything a producer needs; workers extend this with their own settings."""
-
-    redis_url: str = DEFAULT_REDIS_URL
-    namespace: str = "trainbus"
-    run_id: str = field(default_factory=generate_run_id)
-    hub_model: HubModelRef | None = None
-    clearml_project: str | None = None
-    spool_dir: Path = field(default_factory=lambda: default_spool_dir(os.environ))
-    exit_flush_s: float = 5.0
-    spool_max_mb: float = 512.0
-
-    def __post_init__(self) -> None:
-        check_redis_url("TRAINBUS_REDIS_URL", self.redis_url)
-        if not NAMESPACE_PATTERN.match(self.namespace):
-            raise SettingsError("TRAINBUS_NAMESPACE", "use 1-64 letters, digits, '.', '_' or '-'")
-        if not RUN_ID_PATTERN.match(self.run_id):
-            raise SettingsError("TRAINBUS_RUN_ID", f"{self.run_id[:80]!r}: use 1-64 letters, digits, '_' or '-'")
-        if self.exit_flush_s < 0:
-            raise SettingsError("TRAINBUS_EXIT_FLUSH_S", f"{self.exit_flush_s}: must be >= 0 seconds")
-        if self.spool_max_mb <= 0:
-            raise SettingsError("TRAINBUS_SPOOL_MAX_MB", f"{self.spool_max_mb}: must be > 0 MB")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
-        """Settings from the environment; keyword arguments win over variables."""
-        env = os.environ if env is None else env
-        values: dict[str, object] = {}
-        text = _text(env)
-        if (v := text("TRAINBUS_REDIS_URL")) is not None:
-            values["redis_url"] = v
-        if (v := text("TRAINBUS_NAMESPACE")) is not None:
-            values["namespace"] = v
-        if (v := text("TRAINBUS_RUN_ID")) is not None:
-            values["run_id"] = v
-        if (v := text("TRAINBUS_HUB_MODEL")) is not None:
-            values["hub_model"] = hub_model_setting("TRAINBUS_HUB_MODEL", v)
-        if (v := text("TRAINBUS_CLEARML_PROJECT")) is not None:
-            values["clearml_project"] = v
-        values["spool_dir"] = Path(text("TRAINBUS_SPOOL_DIR") or default_spool_dir(env)).expanduser()
-        if (v := text("TRAINBUS_EXIT_FLUSH_S")) is not None:
-            values["exit_flush_s"] = number_setting("TRAINBUS_EXIT_FLUSH_S", v, "seconds")
-        if (v := text("TRAINBUS_SPOOL_MAX_MB")) is not None:
-            values["spool_max_mb"] = number_setting("TRAINBUS_SPOOL_MAX_MB", v, "megabytes")
-        if isinstance(overrides.get("hub_model"), str):
-            overrides["hub_model"] = hub_model_setting("hub_model", overrides["hub_model"])  # type: ignore[arg-type]
-        if "spool_dir" in overrides and overrides["spool_dir"] is not None:
-            overrides["spool_dir"] = Path(overrides["spool_dir"]).expanduser()  # type: ignore[arg-type]
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)  # type: ignore[arg-type]
+def env_field(variable: str, parse: Callable[[str, str], Any], **kwargs: Any) -> Any:
+    """A settings field read from ``variable`` with ``parse(variable, text)``."""
+    return field(metadata={"env": variable, "parse": parse}, **kwargs)
 
 
-def _text(env: Mapping[str, str]):
-    def get(name: str) -> str | None:
-        value = env.get(name, "").strip()
-        return value or None
-
-    return get
+# -- parsers: (variable, text) -> value, raising SettingsError that names the variable ----
 
 
-def number_setting(variable: str, value: str, unit: str) -> float:
-    """Parse a number of ``unit``; the error names the variable and shows an example."""
+def text_setting(variable: str, value: str) -> str:
+    return value
+
+
+def number_setting(variable: str, value: str, unit: str = "seconds") -> float:
+    """Parse a finite number; the error names the variable and shows an example."""
     try:
         number = float(value)
     except ValueError:
@@ -114,6 +71,31 @@ def number_setting(variable: str, value: str, unit: str) -> float:
     return number
 
 
+def megabytes_setting(variable: str, value: str) -> float:
+    return number_setting(variable, value, "megabytes")
+
+
+def path_setting(variable: str, value: str) -> Path:
+    return Path(value).expanduser()
+
+
+def paths_setting(variable: str, value: str) -> tuple[Path, ...]:
+    """``os.pathsep``-separated directories; each must exist (workers read files there)."""
+    roots = tuple(Path(p).expanduser().resolve() for p in value.split(os.pathsep) if p.strip())
+    for root in roots:
+        if not root.is_dir():
+            raise SettingsError(variable, f"{str(root)!r} is not a directory")
+    return roots
+
+
+def sinks_setting(variable: str, value: str) -> tuple[str, ...]:
+    sinks = tuple(s.strip() for s in value.split(",") if s.strip())
+    unknown = [s for s in sinks if s not in QUEUES]
+    if unknown or not sinks:
+        raise SettingsError(variable, f"{value!r}: use a comma-separated list of {', '.join(QUEUES)}")
+    return sinks
+
+
 def hub_model_setting(variable: str, value: str) -> HubModelRef:
     try:
         return parse_hub_model(value)
@@ -121,7 +103,7 @@ def hub_model_setting(variable: str, value: str) -> HubModelRef:
         raise SettingsError(variable, str(exc)) from None
 
 
-def check_redis_url(variable: str, url: str) -> None:
+def redis_url_setting(variable: str, url: str) -> str:
     """Refuse URLs redis-py would misread later; never echo a password."""
     parsed = urlparse(url)
     if parsed.scheme not in REDIS_SCHEMES:
@@ -138,6 +120,101 @@ def check_redis_url(variable: str, url: str) -> None:
     db = parsed.path.lstrip("/")
     if parsed.scheme != "unix" and db and not db.isdigit():
         raise SettingsError(variable, f"database {db[:20]!r} must be a number (e.g. /0)")
+    return url
+
+
+def http_url_setting(variable: str, url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise SettingsError(variable, "expected an http(s) URL with a host, e.g. https://api.ultralytics.com")
+    return url.rstrip("/")
+
+
+def namespace_setting(variable: str, value: str) -> str:
+    if not NAMESPACE_PATTERN.match(value):
+        raise SettingsError(variable, "use 1-64 letters, digits, '.', '_' or '-'")
+    return value
+
+
+def run_id_setting(variable: str, value: str) -> str:
+    if not RUN_ID_PATTERN.match(value):
+        raise SettingsError(variable, f"{value[:80]!r}: use 1-64 letters, digits, '_' or '-'")
+    return value
+
+
+def positive(variable: str, value: float) -> None:
+    if value <= 0:
+        raise SettingsError(variable, f"{value}: must be > 0")
+
+
+def from_env(cls: type[T], env: Mapping[str, str] | None, overrides: Mapping[str, Any]) -> T:
+    """Build ``cls`` from its fields' variables; keyword overrides win and are parsed too."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        variable, parse = f.metadata.get("env"), f.metadata.get("parse")
+        if variable is None:
+            continue
+        given = overrides.get(f.name)
+        if given is not None:
+            values[f.name] = parse(variable, given) if isinstance(given, str) else given
+        elif text := env.get(variable, "").strip():
+            values[f.name] = parse(variable, text)
+    return cls(**values)
+
+
+def check(variable: str, ok: bool, problem: str) -> None:
+    if not ok:
+        raise SettingsError(variable, problem)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a training process needs (the producers)."""
+
+    redis_url: str = env_field("TRAINBUS_REDIS_URL", redis_url_setting, default=DEFAULT_REDIS_URL)
+    namespace: str = env_field("TRAINBUS_NAMESPACE", namespace_setting, default=DEFAULT_NAMESPACE)
+    run_id: str = env_field("TRAINBUS_RUN_ID", run_id_setting, default_factory=generate_run_id)
+    hub_model: HubModelRef | None = env_field("TRAINBUS_HUB_MODEL", hub_model_setting, default=None)
+    clearml_project: str | None = env_field("TRAINBUS_CLEARML_PROJECT", text_setting, default=None)
+    spool_dir: Path = env_field("TRAINBUS_SPOOL_DIR", path_setting, default_factory=default_spool_dir)
+    exit_flush_s: float = env_field("TRAINBUS_EXIT_FLUSH_S", number_setting, default=5.0)
+    spool_max_mb: float = env_field("TRAINBUS_SPOOL_MAX_MB", megabytes_setting, default=512.0)
+
+    def __post_init__(self) -> None:
+        check("TRAINBUS_EXIT_FLUSH_S", self.exit_flush_s >= 0, f"{self.exit_flush_s}: must be >= 0 seconds")
+        check("TRAINBUS_SPOOL_MAX_MB", self.spool_max_mb > 0, f"{self.spool_max_mb}: must be > 0 MB")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from the environment; keyword arguments win over variables."""
+        return from_env(cls, env, overrides)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What the dispatcher and the workers need. Rates are minimum seconds between requests."""
+
+    redis_url: str = env_field("TRAINBUS_REDIS_URL", redis_url_setting, default=DEFAULT_REDIS_URL)
+    namespace: str = env_field("TRAINBUS_NAMESPACE", namespace_setting, default=DEFAULT_NAMESPACE)
+    sinks: tuple[str, ...] = env_field("TRAINBUS_SINKS", sinks_setting, default=("hub",))
+    hub_api_url: str = env_field("TRAINBUS_HUB_API_URL", http_url_setting, default=DEFAULT_HUB_API_URL)
+    hub_api_key: str | None = env_field("TRAINBUS_HUB_API_KEY", text_setting, default=None, repr=False)
+    rate_metrics: float = env_field("TRAINBUS_RATE_METRICS", number_setting, default=3.0)
+    rate_ckpt: float = env_field("TRAINBUS_RATE_CKPT", number_setting, default=900.0)
+    rate_heartbeat: float = env_field("TRAINBUS_RATE_HEARTBEAT", number_setting, default=300.0)
+    file_roots: tuple[Path, ...] = env_field(
+        "TRAINBUS_FILE_ROOTS", paths_setting, default_factory=lambda: (default_spool_dir().resolve(),)
+    )
+
+    def __post_init__(self) -> None:
+        positive("TRAINBUS_RATE_METRICS", self.rate_metrics)
+        positive("TRAINBUS_RATE_CKPT", self.rate_ckpt)
+        positive("TRAINBUS_RATE_HEARTBEAT", self.rate_heartbeat)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
+        return from_env(cls, env, overrides)
 
 
 def redact_url(url: str) -> str:
