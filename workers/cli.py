@@ -13,7 +13,7 @@ from pathlib import Path
 
 from shared.errors import SettingsError
 from shared.keys import Keys
-from shared.settings import Settings, redact_url
+from shared.settings import Settings, WorkerSettings, redact_url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +66,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep retrying an unreachable Redis this many seconds (default 10)",
     )
     replay.set_defaults(func=spool_replay)
+
+    dispatch = commands.add_parser(
+        "dispatch",
+        help="move stream entries into per-run work and RQ drain jobs (run one or more)",
+        description="Reads the event stream through one consumer group per sink "
+        "(TRAINBUS_SINKS), records each run's work in Redis, queues one drain job per "
+        "(sink, run), enqueues jobs when they come due, and requeues runs whose worker died. "
+        "Invalid entries go to the dead-letter stream <namespace>:dead.",
+    )
+    dispatch.add_argument("--burst", action="store_true", help="exit once the stream has nothing new")
+    dispatch.add_argument(
+        "--claim-idle",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="claim entries another dispatcher left unacknowledged this long (default 30)",
+    )
+    dispatch.set_defaults(func=run_dispatch)
+
+    failed = commands.add_parser("failed", help="list drain jobs that failed for good, with reasons")
+    failed.add_argument("--requeue", action="store_true", help="unblock those runs and send their jobs again")
+    failed.set_defaults(func=show_failed)
     return parser
 
 
@@ -112,6 +134,54 @@ def spool_replay(args: argparse.Namespace) -> int:
         return 1
     print(f"done: {report.pushed} events pushed; {len(report.runs_done)} run(s) fully delivered")
     return 0
+
+
+def run_dispatch(args: argparse.Namespace) -> int:
+    import redis
+
+    from workers.dispatch import Dispatcher
+
+    settings = WorkerSettings.from_env()
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5)
+    dispatcher = Dispatcher(client, settings, claim_idle_s=args.claim_idle)
+    logging.getLogger("trainbus").setLevel(logging.INFO)
+    print(
+        f"dispatching {Keys(settings.namespace).events} on {redact_url(settings.redis_url)} "
+        f"to {', '.join(settings.sinks)}",
+        flush=True,
+    )
+    try:
+        stats = dispatcher.run(burst=args.burst)
+    except KeyboardInterrupt:
+        stats = dispatcher.stats
+    print(
+        f"dispatched {stats.entries} entries, {stats.dead_letters} dead letters, "
+        f"{stats.jobs_enqueued} drain jobs queued"
+    )
+    return 0
+
+
+def show_failed(args: argparse.Namespace) -> int:
+    import redis
+
+    from workers.failed import failed_drains, requeue_failed
+
+    settings = WorkerSettings.from_env()
+    client = redis.Redis.from_url(settings.redis_url)
+    keys = Keys(settings.namespace)
+    if args.requeue:
+        done = requeue_failed(client, keys, settings.sinks)
+        print(f"requeued {len(done)} drain job(s)" + "".join(f"\n  {d.sink} {d.run_id}" for d in done))
+        return 0
+    drains = failed_drains(client, keys, settings.sinks)
+    if not drains:
+        print("no failed drain jobs")
+        return 0
+    for d in drains:
+        when = d.ended_at.isoformat(timespec="seconds") if d.ended_at else "?"
+        print(f"{d.sink:<8} run {d.run_id:<32} failed {when}  job {d.job_id}\n  {d.reason}")
+    print("fix the cause, then: trainbus failed --requeue")
+    return 1
 
 
 if __name__ == "__main__":

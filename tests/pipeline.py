@@ -1,0 +1,160 @@
+"""Real processes for pipeline tests: the local HUB server, dispatchers and RQ workers."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import requests
+import torch
+
+from producers import Publisher
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "k" * 42
+MODEL_ID = "M" * 20
+WORKER_FLAGS = [
+    "-S",
+    "rq.serializers.JSONSerializer",
+    "--worker-ttl",
+    "30",
+    "--maintenance-interval",
+    "5",
+    "--job-monitoring-interval",
+    "5",
+]
+
+
+class HubServer:
+    """``python -m workers.local_hub`` as a process, with its control API."""
+
+    def __init__(self, *models: str, api_key: str = API_KEY) -> None:
+        args = [sys.executable, "-m", "workers.local_hub", "--api-key", api_key]
+        for model in models:
+            args += ["--model", model]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        line = self.proc.stdout.readline()
+        self.url = line.rsplit(" ", 1)[-1].strip()
+
+    def fault(self, **fault: Any) -> None:
+        requests.post(f"{self.url}/_control/faults", json=fault, timeout=5).raise_for_status()
+
+    def add_model(self, model_id: str) -> None:
+        requests.post(f"{self.url}/_control/models", json={"id": model_id}, timeout=5).raise_for_status()
+
+    def requests(self, endpoint: str | None = None, status: int | None = 200) -> list[dict]:
+        got = requests.get(f"{self.url}/_control/requests", timeout=5).json()["requests"]
+        return [
+            r
+            for r in got
+            if (endpoint is None or r["endpoint"] == endpoint) and (status is None or r.get("status") == status)
+        ]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class Pipeline:
+    """Dispatchers and workers as processes sharing one environment."""
+
+    def __init__(self, redis_url: str, namespace: str, hub: HubServer, spool_dir: Path, **settings: Any) -> None:
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        self.redis_url = redis_url
+        self.namespace = namespace
+        self.env = dict(
+            os.environ,
+            PYTHONPATH=str(ROOT),
+            TRAINBUS_REDIS_URL=redis_url,
+            TRAINBUS_NAMESPACE=namespace,
+            TRAINBUS_HUB_API_URL=hub.url,
+            TRAINBUS_HUB_API_KEY=API_KEY,
+            TRAINBUS_FILE_ROOTS=str(spool_dir),
+            TRAINBUS_RATE_METRICS="0.2",
+            TRAINBUS_RATE_CKPT="1",
+            TRAINBUS_RATE_HEARTBEAT="0.5",
+            TRAINBUS_HUB_TIMEOUT_S="2",
+        )
+        self.env.update({k: str(v) for k, v in settings.items()})
+        self.procs: list[subprocess.Popen] = []
+
+    def dispatcher(self, *extra: str) -> subprocess.Popen:
+        return self._start([sys.executable, "-m", "workers.cli", "dispatch", "--claim-idle", "1", *extra])
+
+    def worker(self) -> subprocess.Popen:
+        queue = f"{self.namespace}.hub-uploads"
+        return self._start([sys.executable, "-m", "rq.cli", "worker", queue, "-u", self.redis_url, *WORKER_FLAGS])
+
+    def cli(self, *args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "workers.cli", *args],
+            env={**self.env, **env},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        """SIGKILL a process and everything it forked (an RQ worker's work horse too)."""
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def _start(self, args: list[str]) -> subprocess.Popen:
+        log = open(Path(self.env["TRAINBUS_FILE_ROOTS"]) / f"proc-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            args, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.procs.append(proc)
+        return proc
+
+
+def train(
+    bus: Publisher, workdir: Path, epochs: int, *, pause: float = 0.05, between: Callable[[int], None] | None = None
+) -> dict[int, dict]:
+    """A small 'training': per epoch metrics and a checkpoint saved in place; then the final."""
+    weights = workdir / "weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    last, best = weights / "last.pt", weights / "best.pt"
+    sent: dict[int, dict] = {}
+    bus.session(
+        {"model": "yolov8n.yaml", "data": "coco8.yaml", "epochs": epochs, "imgsz": 64, "batch": 2}, name="pipeline-test"
+    )
+    for epoch in range(epochs):
+        sent[epoch] = {"train/loss": round(1.0 / (epoch + 1), 6), "metrics/mAP50-95(B)": epoch / 100}
+        bus.metrics(epoch, sent[epoch])
+        torch.save({"epoch": epoch, "w": torch.full((64,), float(epoch))}, last)
+        bus.checkpoint(last, epoch, is_best=True)
+        best.write_bytes(last.read_bytes())
+        if between:
+            between(epoch)
+        time.sleep(pause)
+    bus.final(best, epochs - 1, sent[epochs - 1], map50_95=sent[epochs - 1]["metrics/mAP50-95(B)"])
+    return sent
+
+
+def metrics_by_epoch(hub: HubServer, model: str) -> dict[int, list[dict]]:
+    """Every successfully received value per epoch (more than one = sent twice)."""
+    got: dict[int, list[dict]] = {}
+    for r in hub.requests("metrics"):
+        if r["model"] == model:
+            for epoch, values in r["metrics"].items():
+                got.setdefault(int(epoch), []).append(values)
+    return got
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(times)]

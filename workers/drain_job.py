@@ -1,0 +1,144 @@
+"""The RQ job that drains one (sink, run): ``workers.drain_job.drain``.
+
+At most one such job waits in the queue per (sink, run) (a guard key set with NX), and
+at most one runs (a lock with a TTL that a watchdog thread renews; if the worker dies, the
+lock expires and the dispatcher's sweep enqueues the job again). The job does what the
+rate limits allow, sleeps through short waits, and for longer ones records when it is due
+again; the dispatcher enqueues it then. Retrying is done by this rescheduling (with
+backoff in the sink), so RQ's scheduler and Retry are not needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+import uuid
+
+import redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from shared.keys import Keys
+from shared.settings import WorkerSettings
+from workers.sink import Sink
+
+log = logging.getLogger("trainbus.drain_job")
+
+LOCK_TTL_S = 15
+GUARD_TTL_S = 120  # a queued job older than this is assumed lost; the sweep may enqueue again
+INLINE_WAIT_S = 1.0  # waits up to this long are slept inside the job
+JOB_BUDGET_S = 60.0  # then the job hands over to a later one, so workers rotate between runs
+JOB_TIMEOUT_S = 3600  # a large checkpoint upload may take long
+FAILURE_TTL_S = 7 * 24 * 3600
+
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+class RunLock:
+    """A Redis lock for one (sink, run) with a watchdog that renews it while held."""
+
+    def __init__(self, client: redis.Redis, key: str, ttl: float = LOCK_TTL_S) -> None:
+        self.client, self.key, self.ttl = client, key, ttl
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
+
+    def acquire(self) -> bool:
+        if not self.client.set(self.key, self.token, nx=True, px=int(self.ttl * 1000)):
+            return False
+        self._watchdog = threading.Thread(target=self._renew, daemon=True, name="trainbus-lock")
+        self._watchdog.start()
+        return True
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join()
+        self.client.eval(RELEASE, 1, self.key, self.token)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                self.client.eval(RENEW, 1, self.key, self.token, int(self.ttl * 1000))
+            except redis.RedisError as exc:  # the next renewal may work; expiry is the fallback
+                log.warning("could not renew %s: %s", self.key, exc)
+
+
+def queue_for(client: redis.Redis, keys: Keys, sink: str) -> Queue:
+    return Queue(keys.queue(sink), connection=client, serializer=JSONSerializer)
+
+
+def enqueue_drain(client: redis.Redis, keys: Keys, sink: str, run_id: str) -> bool:
+    """Queue a drain job unless one is already queued or the run is blocked."""
+    if client.exists(keys.blocked(sink, run_id)):
+        return False
+    if not client.set(keys.guard(sink, run_id), b"1", nx=True, ex=GUARD_TTL_S):
+        return False
+    queue_for(client, keys, sink).enqueue(
+        "workers.drain_job.drain",
+        sink,
+        run_id,
+        job_timeout=JOB_TIMEOUT_S,
+        result_ttl=60,
+        failure_ttl=FAILURE_TTL_S,
+        description=f"drain {sink} run {run_id}",
+    )
+    return True
+
+
+def schedule(client: redis.Redis, keys: Keys, sink: str, run_id: str, at: float) -> None:
+    """Ask the dispatcher to enqueue the run's drain job at unix time ``at``."""
+    client.zadd(keys.due(sink), {run_id: at})
+
+
+def drain(sink: str, run_id: str) -> str:
+    """The job: drain one run in one sink. Raises when the sink refuses for good."""
+    settings = worker_settings()
+    client = redis_client(settings.redis_url)
+    keys = Keys(settings.namespace)
+    lock = RunLock(client, keys.lock(sink, run_id))
+    if not lock.acquire():
+        schedule(client, keys, sink, run_id, time.time() + 1.0)
+        return "another worker is draining this run; rescheduled"
+    try:
+        client.delete(keys.guard(sink, run_id))  # events from now on may queue another job
+        target = make_sink(sink, client, keys, settings)
+        deadline = time.monotonic() + JOB_BUDGET_S
+        while True:
+            wait = target.drain(run_id)
+            if wait is None:
+                return "done"
+            if wait > INLINE_WAIT_S or time.monotonic() + wait > deadline:
+                schedule(client, keys, sink, run_id, time.time() + wait)
+                return f"more in {wait:.1f} s"
+            time.sleep(wait)
+    finally:
+        lock.release()
+
+
+def make_sink(name: str, client: redis.Redis, keys: Keys, settings: WorkerSettings) -> Sink:
+    if name == "hub":
+        from workers.hub_sink import HubSink
+
+        return HubSink(client, keys, settings)
+    raise ValueError(f"unknown sink {name!r}")
+
+
+@functools.cache
+def worker_settings() -> WorkerSettings:
+    """Read once per worker process, from the worker's environment."""
+    return WorkerSettings.from_env()
+
+
+@functools.cache
+def redis_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=15)

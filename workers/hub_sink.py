@@ -1,0 +1,304 @@
+"""The HUB sink: a run's events become metrics, checkpoint, heartbeat and final uploads.
+
+Recorded per run (dispatcher):
+  state hash        session args, model_id, agent_id, ended, final_done, counters, next:<kind>
+  pending:metrics   epoch -> metrics JSON (a later value for an epoch replaces the earlier)
+  pending:ckpt      the newest checkpoint not yet uploaded (latest wins; replaced ones counted)
+  pending:final     the final checkpoint and map
+
+Drained (worker, holding the run's lock), in this order: model id, heartbeat, metrics
+(every pending epoch in one request), checkpoint, final. The final waits until no metrics
+are pending and every earlier event was recorded; after it nothing of the run is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from shared.backoff import compute_backoff
+from shared.events import Event, EventType
+from shared.keys import Keys
+from shared.settings import WorkerSettings
+from workers.files import FileRefused, verified_checkpoint
+from workers.hub_client import HubClient, HubError
+from workers.rate_limit import RateLimiter
+from workers.sink import RunState
+
+log = logging.getLogger("trainbus.hub")
+
+SINK = "hub"
+KINDS = ("metrics", "ckpt", "final")
+FINAL_GAP_WAIT_S = 60.0  # after this, a final goes out even if an earlier seq never arrived
+FINAL_RETRY_S = 0.5
+
+
+class HubUploadFailed(Exception):
+    """HUB refused a request in a way retrying cannot fix; the run is blocked until requeued."""
+
+
+class HubSink:
+    name = SINK
+
+    def __init__(self, client: redis.Redis, keys: Keys, settings: WorkerSettings, hub: HubClient | None = None) -> None:
+        self.client = client
+        self.keys = keys
+        self.settings = settings
+        self.hub = hub or HubClient(settings.hub_api_url, settings.hub_api_key, settings.hub_timeout_s)
+        self.runs = RunState(client, keys, SINK)
+        self.limits = RateLimiter(client)
+        self._set_if_newer = client.register_script(SET_IF_NEWER)
+
+    # -- dispatcher side -----------------------------------------------------------------
+
+    def record(self, pipe: redis.client.Pipeline, event: Event) -> None:
+        k, run = self.keys, event.run_id
+        state = k.state(SINK, run)
+        self.runs.mark_seen(pipe, event)
+        p = event.payload
+        if event.type == EventType.SESSION:
+            pipe.hset(state, "session", orjson.dumps(p))
+            if p.get("hub_model_id"):
+                pipe.hsetnx(state, "model_id", p["hub_model_id"])
+        elif event.type == EventType.FIT_EPOCH and isinstance(p.get("epoch"), int) and not p.get("final_eval"):
+            metrics = {**(p.get("metrics") or {}), **(p.get("model_info") or {})}
+            pipe.hset(k.pending(SINK, run, "metrics"), str(p["epoch"]), orjson.dumps(metrics))
+        elif event.type in (EventType.CHECKPOINT, EventType.FINAL):
+            kind = "final" if event.type == EventType.FINAL else "ckpt"
+            self._set_if_newer(
+                keys=[k.pending(SINK, run, kind), state], args=[event.seq, orjson.dumps(p), kind], client=pipe
+            )
+        elif event.type == EventType.RUN_END:
+            pipe.hset(state, "ended", p.get("status") or "completed")
+
+    # -- worker side -----------------------------------------------------------------------
+
+    def drain(self, run_id: str) -> float | None:
+        state_key = self.keys.state(SINK, run_id)
+        state = {k.decode(): v for k, v in self.client.hgetall(state_key).items()}
+        if state.get("final_done"):
+            self.runs.finish(run_id, KINDS)
+            return None
+        now = time.time()
+        model_id = state["model_id"].decode() if state.get("model_id") else None
+        if model_id is None:
+            if not state.get("session"):
+                return 1.0  # the session event is not recorded yet
+            model_id = self._create_model(run_id, orjson.loads(state["session"]), now)
+            if model_id is None:
+                return self.limits.wait(state_key, "create", time.time())
+        waits = [
+            self._heartbeat(run_id, model_id, state, now),
+            self._metrics(run_id, model_id, now),
+            self._checkpoint(run_id, model_id, now),
+            self._final(run_id, model_id, now),
+        ]
+        pending = [w for w in waits if w is not None]
+        if not pending:
+            self.runs.finish(run_id, KINDS)
+            return None
+        return max(0.0, min(pending))
+
+    def _create_model(self, run_id: str, session: dict[str, Any], now: float) -> str | None:
+        """No model id came with the run: create one from its args, as the HUB session did."""
+        state_key = self.keys.state(SINK, run_id)
+        if self.limits.wait(state_key, "create", now):
+            return None
+        ok, model_id = self._call(run_id, "create", self.hub.create_model, model_payload(session))
+        if not ok:
+            return None
+        self.client.hset(state_key, "model_id", model_id)
+        log.info("run %s: created HUB model %s", run_id, model_id)
+        return model_id
+
+    def _heartbeat(self, run_id: str, model_id: str, state: dict[str, bytes], now: float) -> float | None:
+        """Every rate_heartbeat seconds while the producer is alive and the run not ended."""
+        if state.get("ended") or not self.client.exists(self.keys.alive(run_id)):
+            return None
+        state_key = self.keys.state(SINK, run_id)
+        wait = self.limits.reserve(state_key, "heartbeat", self.settings.rate_heartbeat, now)
+        if wait:
+            return wait
+        agent = state.get("agent_id")
+        ok, agent_id = self._call(run_id, "heartbeat", self.hub.heartbeat, model_id, agent.decode() if agent else None)
+        if ok and agent_id:
+            self.client.hset(state_key, "agent_id", agent_id)
+        return self.limits.wait(state_key, "heartbeat", time.time())
+
+    def _metrics(self, run_id: str, model_id: str, now: float) -> float | None:
+        """All pending epochs in one request, at most one request per rate_metrics seconds."""
+        key = self.keys.pending(SINK, run_id, "metrics")
+        pending = {f.decode(): v for f, v in self.client.hgetall(key).items()}
+        if not pending:
+            return None
+        state_key = self.keys.state(SINK, run_id)
+        wait = self.limits.reserve(state_key, "metrics", self.settings.rate_metrics, now)
+        if wait:
+            return wait
+        epochs = {int(e): orjson.loads(v) for e, v in pending.items()}
+        ok, _ = self._call(run_id, "metrics", self.hub.upload_metrics, model_id, epochs)
+        if not ok:  # everything stays pending and goes out with the next request
+            return self.limits.wait(state_key, "metrics", time.time())
+        self.runs.remove_if_same(key, pending)  # a newer value that came meanwhile stays pending
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hincrby(state_key, "metrics_requests", 1)
+        pipe.hincrby(state_key, "metrics_epochs", len(epochs))
+        pipe.execute()
+        log.info("run %s: uploaded metrics for epochs %s", run_id, sorted(epochs))
+        return self.limits.wait(state_key, "metrics", time.time()) if self.client.hlen(key) else None
+
+    def _checkpoint(self, run_id: str, model_id: str, now: float) -> float | None:
+        """The newest pending checkpoint, at most one upload per rate_ckpt seconds."""
+        key = self.keys.pending(SINK, run_id, "ckpt")
+        pending = self.client.hmget(key, "data")[0]
+        if pending is None:
+            return None
+        state_key = self.keys.state(SINK, run_id)
+        wait = self.limits.reserve(state_key, "ckpt", self.settings.rate_ckpt, now)
+        if wait:
+            return wait
+        payload = orjson.loads(pending)
+        path = self._verified(run_id, payload)
+        if path is not None:
+            ok, _ = self._call(
+                run_id,
+                "ckpt",
+                self.hub.upload_checkpoint,
+                model_id,
+                path,
+                epoch=payload["epoch"],
+                is_best=bool(payload.get("is_best")),
+            )
+            if not ok:
+                return self.limits.wait(state_key, "ckpt", time.time())
+            self.client.hincrby(state_key, "ckpt_uploads", 1)
+            log.info("run %s: uploaded checkpoint of epoch %s", run_id, payload["epoch"])
+        self.runs.remove_if_same(key, {"data": pending})
+        return None
+
+    def _final(self, run_id: str, model_id: str, now: float) -> float | None:
+        """Not rate limited, but after every pending metric and every earlier event."""
+        key = self.keys.pending(SINK, run_id, "final")
+        seq, pending, recorded_at = self.client.hmget(key, "seq", "data", "recorded_at")
+        if pending is None:
+            return None
+        state_key = self.keys.state(SINK, run_id)
+        if self.client.hlen(self.keys.pending(SINK, run_id, "metrics")):
+            return self.limits.wait(state_key, "metrics", now) or FINAL_RETRY_S
+        waited = now - float(recorded_at or now)
+        if not self.runs.contiguous_up_to(run_id, int(seq) - 1) and waited < FINAL_GAP_WAIT_S:
+            return FINAL_RETRY_S
+        wait = self.limits.wait(state_key, "final", now)
+        if wait:
+            return wait
+        payload = orjson.loads(pending)
+        path = self._verified(run_id, payload)
+        if path is not None:
+            ok, _ = self._call(
+                run_id,
+                "final",
+                self.hub.upload_checkpoint,
+                model_id,
+                path,
+                epoch=payload["epoch"],
+                final=True,
+                map50_95=payload.get("map50_95"),
+            )
+            if not ok:
+                return self.limits.wait(state_key, "final", time.time())
+            log.info("run %s: uploaded final model (epoch %s)", run_id, payload["epoch"])
+        ckpt_key = self.keys.pending(SINK, run_id, "ckpt")
+        pipe = self.client.pipeline(transaction=False)
+        if self.client.hexists(ckpt_key, "data"):
+            pipe.hincrby(state_key, "ckpt_superseded", 1)  # the final made it pointless
+        pipe.hset(state_key, mapping={"final_done": 1, "ended": "completed"})
+        pipe.hdel(ckpt_key, "data")
+        pipe.hdel(key, "data")
+        pipe.execute()
+        return None
+
+    def _verified(self, run_id: str, payload: dict[str, Any]) -> Path | None:
+        """The checkpoint file to upload, or None (dead-lettered) when it cannot be used."""
+        ck = payload.get("checkpoint") or {}
+        try:
+            if "error" in ck:
+                raise FileRefused(f"the producer could not snapshot it: {ck['error']}")
+            return verified_checkpoint(ck["path"], ck["sha256"], self.settings.file_roots)
+        except (FileRefused, KeyError) as exc:
+            self.runs.dead_letter(
+                f"checkpoint of epoch {payload.get('epoch')} not uploaded: {exc}",
+                run_id=run_id,
+                epoch=payload.get("epoch"),
+            )
+            return None
+
+    def _call(self, run_id: str, kind: str, request: Any, *args: Any, **kwargs: Any) -> tuple[bool, Any]:
+        """One HUB request. A retryable failure moves the kind's next slot back (backoff,
+        Retry-After) and returns (False, None); any other failure blocks the run and raises."""
+        state_key = self.keys.state(SINK, run_id)
+        try:
+            result = request(*args, **kwargs)
+        except HubError as exc:
+            if not exc.retryable:
+                reason = f"run {run_id}: {exc}"
+                self.client.set(self.keys.blocked(SINK, run_id), reason)
+                raise HubUploadFailed(reason) from None
+            attempt = self.client.hincrby(state_key, f"fail:{kind}", 1)
+            delay = max(compute_backoff(attempt - 1, base=1.0, cap=300.0), exc.retry_after or 0.0)
+            if kind in RETRY_SOONER:  # a failed upload is not an upload: retry before the next slot
+                self.client.hset(state_key, f"next:{kind}", repr(time.time() + delay))
+            else:
+                self.limits.push_back(state_key, kind, time.time() + delay)
+            self.client.hincrby(state_key, "retries", 1)
+            log.warning("run %s: %s request failed, retry in %.1f s: %s", run_id, kind, delay, exc)
+            return False, None
+        self.client.hdel(state_key, f"fail:{kind}")
+        return True, result
+
+
+RETRY_SOONER = frozenset({"ckpt"})
+
+
+# KEYS: pending hash (seq, data, recorded_at), state hash. ARGV: seq, data, kind.
+# Keeps the newest. 'seq' stays after an upload removes 'data', so a redelivered older
+# entry is ignored; a replaced entry that was never uploaded counts as superseded.
+SET_IF_NEWER = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
+if tonumber(ARGV[1]) <= current then
+  return 0
+end
+if redis.call('HEXISTS', KEYS[1], 'data') == 1 then
+  redis.call('HINCRBY', KEYS[2], ARGV[3] .. '_superseded', 1)
+end
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'data', ARGV[2], 'recorded_at', t[1] .. '.' .. t[2])
+return 1
+"""
+
+
+def model_payload(session: dict[str, Any]) -> dict[str, Any]:
+    """What the Ultralytics HUB session sent to create a model, from the run's args."""
+    args = session.get("args") or {}
+    filename = str(args.get("model") or "model")
+    name = filename.rsplit("/", 1)[-1]
+    payload: dict[str, Any] = {
+        "config": {
+            "batchSize": args.get("batch", -1),
+            "epochs": args.get("epochs", 300),
+            "imageSize": args.get("imgsz", 640),
+            "patience": args.get("patience", 100),
+            "device": str(args.get("device", "")),
+            "cache": str(args.get("cache", "ram")),
+        },
+        "dataset": {"name": args.get("data")},
+        "lineage": {"architecture": {"name": name.replace(".pt", "").replace(".yaml", "")}, "parent": {}},
+        "meta": {"name": session.get("name") or name},
+    }
+    if name.endswith(".pt"):
+        payload["lineage"]["parent"]["name"] = name
+    return payload
