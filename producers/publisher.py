@@ -70,7 +70,8 @@ class Publisher:
         self._lock = threading.Lock()
         self._closed = False
         self._ended = False
-        self._final_sent = False
+        self._session_sent = False
+        self._versions = _versions()
         self._dropped: Counter[str] = Counter()
         self._failures = 0
         self._secrets = _secrets_of(self.settings)
@@ -107,6 +108,9 @@ class Publisher:
             if self._closed:
                 log.warning("publisher of run %s is closed; %s event dropped", self.run_id, type)
                 return None
+            if not self._session_sent and type != EventType.SESSION.value:
+                self._append(EventType.SESSION.value, self._session_payload())  # every run starts with one
+            self._session_sent = True
             if self._dropped and self._writer.bytes < self._writer.max_bytes * 0.9:
                 self._append(EventType.SPOOL_OVERFLOW.value, {"dropped": dict(self._dropped)})
                 self._dropped.clear()
@@ -160,14 +164,32 @@ class Publisher:
         model: str | None = None,
         **extra: Any,
     ) -> int | None:
-        """The run starts: its arguments, names, HUB model, host and library versions."""
+        """The run starts: its arguments, names, HUB model, host and library versions.
+
+        Sent automatically (without args) before the first other event if not called.
+        """
+        try:
+            payload = self._session_payload(args, name, project, model, **extra)
+        except ValueError as exc:
+            log.error("run %s: ignoring the HUB model given to session(): %s", self.run_id, exc)
+            payload = self._session_payload(args, name, project, None, **extra)
+        return self.publish(EventType.SESSION, payload)
+
+    def _session_payload(
+        self,
+        args: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        project: str | None = None,
+        model: str | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         hub = self.settings.hub_model
         if model:
             ref = parse_hub_model(model)
             if ref.api_key:
                 self.add_secret(ref.api_key)
             hub = ref
-        payload = {
+        return {
             "args": self._scrub_args(args or {}),
             "name": name or self.run_id,
             "project": self.settings.clearml_project or project,
@@ -175,10 +197,9 @@ class Publisher:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "python": platform.python_version(),
-            "versions": _versions(),
+            "versions": self._versions,
             **extra,
         }
-        return self.publish(EventType.SESSION, payload)
 
     def metrics(self, epoch: int, metrics: Mapping[str, Any], *, stage: str = "fit", **extra: Any) -> int | None:
         """Metrics of one epoch. ``stage="fit"``: the per-epoch metrics HUB receives;
@@ -231,7 +252,6 @@ class Publisher:
         self, best: str | os.PathLike[str], epoch: int, metrics: Mapping[str, Any], *, map50_95: float | None = None
     ) -> int | None:
         """Training finished: the best checkpoint (snapshotted) and the final metrics."""
-        self._final_sent = True
         return self.publish(
             EventType.FINAL,
             {"epoch": epoch, "metrics": metrics, "map50_95": map50_95, "checkpoint": checkpoint_request(best, "final")},

@@ -17,6 +17,7 @@ from producers import Publisher
 def main() -> None:
     run_id, count = sys.argv[1], int(sys.argv[2])
     bus = Publisher(run_id=run_id)
+    print(bus.session({"epochs": count}), flush=True)
     for i in range(count):
         seq = bus.metrics(i, {"loss": 1.0 / (i + 1)})
         print(seq, flush=True)

@@ -10,8 +10,10 @@ import hashlib
 import time
 
 import pytest
+import torch
 
 from producers import Publisher
+from tests import pipeline as tests_pipeline
 from tests.conftest import stream_events
 from tests.helpers import wait_for
 from tests.pipeline import MODEL_ID, HubServer, Pipeline, gaps, metrics_by_epoch, train
@@ -87,3 +89,156 @@ def test_a_20_epoch_run_reaches_hub_once_in_order_within_rate_limits(pipeline, h
     state = {k.decode(): v.decode() for k, v in client.hgetall(keys.state("hub", "run20")).items()}
     assert int(state["metrics_epochs"]) == 20
     assert int(state["ckpt_uploads"]) + int(state.get("ckpt_superseded", 0)) == 20
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_racing_workers_never_break_a_rate_limit_or_upload_twice(pipeline, hub, spool_dir, workers, tmp_path):
+    models = [f"{chr(ord('A') + i)}" * 20 for i in range(3)]
+    for model in models:
+        hub.add_model(model)
+    pipeline.dispatcher()
+    pipeline.dispatcher()
+    for _ in range(workers):
+        pipeline.worker()
+    buses = [publisher(pipeline, spool_dir, f"race{i}", model) for i, model in enumerate(models)]
+    sent = [{} for _ in buses]
+    for epoch in range(12):  # the three runs interleave, as concurrent trainings would
+        for i, bus in enumerate(buses):
+            sent[i].update(train_epoch(bus, tmp_path / f"race{i}", epoch))
+        time.sleep(0.1)
+    for i, bus in enumerate(buses):
+        bus.final(tmp_path / f"race{i}" / "last.pt", 11, sent[i][11], map50_95=0.5)
+        bus.close()
+    wait_for(lambda: all(final_uploads(hub, m) for m in models), timeout=90)
+    time.sleep(1.0)
+    for i, model in enumerate(models):
+        got = metrics_by_epoch(hub, model)
+        assert got == {e: [sent[i][e]] for e in range(12)}, "every epoch once"
+        mine = [r for r in hub.requests() if r["model"] == model]
+        metric_times = [r["ts"] for r in mine if r["endpoint"] == "metrics"]
+        assert len(metric_times) >= 3, "the limit was actually exercised"
+        assert min(gaps(metric_times)) >= 0.2 - JITTER_S
+        uploads = [r for r in mine if r["endpoint"] == "upload"]
+        epochs = [(r["fields"]["type"], r["fields"]["epoch"]) for r in uploads]
+        assert len(epochs) == len(set(epochs)), f"an upload went out twice: {epochs}"
+        periodic = [r["ts"] for r in uploads if r["fields"]["type"] == "epoch"]
+        assert min(gaps(periodic), default=1.0) >= 1.0 - JITTER_S
+        assert mine[-1]["endpoint"] == "upload" and mine[-1]["fields"]["type"] == "final"
+
+
+def train_epoch(bus, workdir, epoch) -> dict[int, dict]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    metrics = {"train/loss": 1.0 / (epoch + 1), "epoch": epoch}
+    bus.metrics(epoch, metrics)
+    torch.save({"epoch": epoch}, workdir / "last.pt")
+    bus.checkpoint(workdir / "last.pt", epoch)
+    return {epoch: metrics}
+
+
+def test_hub_faults_are_retried_and_retry_after_is_respected(pipeline, hub, spool_dir, tmp_path):
+    hub.fault(endpoint="metrics", status=503, count=3)
+    hub.fault(endpoint="upload", status=429, retry_after=2, count=1)
+    hub.fault(endpoint="heartbeat", hang=4, count=1)  # longer than TRAINBUS_HUB_TIMEOUT_S=2
+    hub.fault(endpoint="metrics", reset=True, count=1)
+    pipeline.dispatcher()
+    pipeline.worker()
+    with publisher(pipeline, spool_dir, "faulty") as bus:
+        sent = train(bus, tmp_path / "faulty", epochs=8)
+    wait_for(lambda: final_uploads(hub, MODEL_ID), timeout=90)
+    assert {e: v for e, v in metrics_by_epoch(hub, MODEL_ID).items()} == {e: [sent[e]] for e in range(8)}
+    everything = hub.requests(status=None)
+    assert [r["status"] for r in everything if r["endpoint"] == "metrics"][:4].count(503) == 3
+    throttled = next(r for r in everything if r["status"] == 429)
+    after = next(r for r in everything if r["endpoint"] == "upload" and r["ts"] > throttled["ts"])
+    assert after["ts"] - throttled["ts"] >= 2.0 - JITTER_S, "Retry-After: 2 respected"
+    assert any(r["status"] == "reset" for r in everything)
+
+
+def test_bad_key_and_unknown_model_fail_clearly_then_recover_with_requeue(pipeline, hub, spool_dir, tmp_path):
+    pipeline.env["TRAINBUS_HUB_API_KEY"] = "w" * 42  # wrong key
+    worker = pipeline.worker()
+    pipeline.dispatcher()
+    with publisher(pipeline, spool_dir, "badkey") as bus:
+        train(bus, tmp_path / "badkey", epochs=3)
+    failed = wait_for(lambda: (out := pipeline.cli("failed")).returncode == 1 and out, timeout=30)
+    assert "badkey" in failed.stdout and "check TRAINBUS_HUB_API_KEY" in failed.stdout
+    assert len(hub.requests(status=401)) == 1, "a 401 is not retried"
+    assert "w" * 42 not in failed.stdout
+    pipeline.kill(worker)
+    pipeline.env["TRAINBUS_HUB_API_KEY"] = tests_pipeline.API_KEY
+    pipeline.worker()
+    requeued = pipeline.cli("failed", "--requeue")
+    assert "requeued 1 drain job(s)" in requeued.stdout
+    wait_for(lambda: final_uploads(hub, MODEL_ID), timeout=60)
+    assert sorted(metrics_by_epoch(hub, MODEL_ID)) == [0, 1, 2]
+
+    unknown = "U" * 20
+    with publisher(pipeline, spool_dir, "nomodel", unknown) as bus:
+        train(bus, tmp_path / "nomodel", epochs=2)
+    failed = wait_for(lambda: "nomodel" in (out := pipeline.cli("failed")).stdout and out, timeout=30)
+    assert "HUB does not know this model: check TRAINBUS_HUB_MODEL" in failed.stdout
+    hub.add_model(unknown)
+    pipeline.cli("failed", "--requeue")
+    wait_for(lambda: final_uploads(hub, unknown), timeout=60)
+    assert pipeline.cli("failed").stdout.strip() == "no failed drain jobs"
+
+
+def test_a_run_without_a_model_id_gets_a_model_created_from_its_args(pipeline, hub, spool_dir, tmp_path):
+    pipeline.dispatcher()
+    pipeline.worker()
+    bus = Publisher(redis_url=pipeline.redis_url, namespace=pipeline.namespace, spool_dir=spool_dir, run_id="new")
+    with bus:
+        train(bus, tmp_path / "new", epochs=2)
+    create = wait_for(lambda: hub.requests("create"), timeout=30)[0]
+    assert create["json"]["config"] == {
+        "batchSize": 2,
+        "epochs": 2,
+        "imageSize": 64,
+        "patience": 100,
+        "device": "",
+        "cache": "ram",
+    }
+    assert create["json"]["lineage"]["architecture"]["name"] == "yolov8n"
+    assert create["json"]["dataset"] == {"name": "coco8.yaml"}
+    new_model = wait_for(lambda: [r["model"] for r in hub.requests("metrics")], timeout=30)[0]
+    wait_for(lambda: final_uploads(hub, new_model), timeout=30)
+
+
+def test_torn_checkpoint_is_not_uploaded_and_the_reason_is_dead_lettered(
+    pipeline, hub, spool_dir, client, keys, tmp_path
+):
+    pipeline.dispatcher()
+    with publisher(pipeline, spool_dir, "torn") as bus:
+        train(bus, tmp_path / "torn", epochs=2)
+    snapshots = sorted((spool_dir / "torn" / "checkpoints").glob("*.pt"))
+    for snap in snapshots:
+        snap.write_bytes(snap.read_bytes()[:-10] + b"0123456789")  # changed after its snapshot
+    pipeline.worker()
+    dead = wait_for(lambda: client.xrange(keys.dead_letters), timeout=30)
+    reasons = [fields[b"reason"].decode() for _, fields in dead]
+    assert any("sha256" in r and "not uploaded" in r for r in reasons), reasons
+    wait_for(lambda: sorted(metrics_by_epoch(hub, MODEL_ID)) == [0, 1], timeout=30)
+    assert not hub.requests("upload"), "no torn file reached HUB"
+
+
+def test_bad_entries_are_dead_lettered_and_the_rest_is_delivered(pipeline, hub, spool_dir, client, keys, tmp_path):
+    for raw in (
+        b"not json",
+        b'{"schema": 1, "run_id": "x", "seq": 0, "ts": 0, "type": "nope", "payload": {}}',
+        b'{"schema": 1, "seq": 3}',
+        b'{"schema": 1, "run_id": "x", "pad": "' + b"x" * (10 << 20) + b'"}',
+    ):
+        client.xadd(keys.events, {"event": raw})
+    client.xadd(keys.events, {"other": b"no event field"})
+    pipeline.dispatcher()
+    pipeline.worker()
+    with publisher(pipeline, spool_dir, "good") as bus:
+        sent = train(bus, tmp_path / "good", epochs=3)
+    wait_for(lambda: final_uploads(hub, MODEL_ID), timeout=60)
+    assert metrics_by_epoch(hub, MODEL_ID) == {e: [sent[e]] for e in range(3)}
+    reasons = [fields[b"reason"].decode() for _, fields in client.xrange(keys.dead_letters)]
+    assert len(reasons) == 5
+    assert any(r.startswith("not JSON") for r in reasons)
+    assert "unknown event type 'nope'" in reasons
+    assert "missing field 'run_id'" in reasons
+    assert any("more than the 1048576 allowed" in r for r in reasons)

@@ -53,13 +53,13 @@ def accepted_then_kill(child: subprocess.Popen, after: int | None = None) -> lis
 def test_killed_with_redis_down_then_trainbus_spool_replay(own_redis, namespace, spool_dir):
     child = start_child("killed", 200, own_redis.url, namespace, spool_dir)
     seqs = accepted_then_kill(child)
-    assert seqs == list(range(200))
+    assert seqs == list(range(201))
     own_redis.start()
     env = dict(os.environ, TRAINBUS_REDIS_URL=own_redis.url, TRAINBUS_NAMESPACE=namespace)
     replay = [sys.executable, "-m", "workers.cli", "spool", "replay", "--spool-dir", str(spool_dir)]
     out = subprocess.run(replay, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "done: 200 events pushed; 1 run(s) fully delivered" in out.stdout
+    assert "done: 201 events pushed; 1 run(s) fully delivered" in out.stdout
     events = stream_events(redis.Redis.from_url(own_redis.url), Keys(namespace))
     assert [e["seq"] for e in events] == seqs
     again = subprocess.run(replay, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -72,7 +72,7 @@ def test_killed_with_redis_down_then_delivered_by_the_next_producer_start(own_re
     client, keys = redis.Redis.from_url(own_redis.url), Keys(namespace)
     with Publisher(run_id="next", redis_url=own_redis.url, namespace=namespace, spool_dir=spool_dir) as bus:
         bus.metrics(0, {"loss": 0})
-    wait_for(lambda: len([e for e in stream_events(client, keys) if e["run_id"] == "killed"]) == 50, timeout=60)
+    wait_for(lambda: len([e for e in stream_events(client, keys) if e["run_id"] == "killed"]) == 51, timeout=60)
     assert [e["seq"] for e in stream_events(client, keys) if e["run_id"] == "killed"] == seqs
 
 

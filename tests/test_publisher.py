@@ -54,9 +54,9 @@ def test_redis_down_for_the_whole_run_then_drained_by_the_detached_drainer(own_r
     own_redis.start()
     client = redis.Redis.from_url(own_redis.url)
     keys = Keys(namespace)
-    wait_for(lambda: len(stream_events(client, keys)) == 301, timeout=60)
+    wait_for(lambda: len(stream_events(client, keys)) == 302, timeout=60)  # session, 300 metrics, run_end
     events = stream_events(client, keys)
-    assert [e["seq"] for e in events] == list(range(301))
+    assert [e["seq"] for e in events] == list(range(302))
     wait_for(lambda: not list((spool_dir / "offline").glob("*.log")), timeout=10)
 
 
@@ -68,7 +68,7 @@ def test_redis_outage_mid_run_is_survived_in_process(own_redis, namespace, spool
     keys = Keys(namespace)
     for i in range(50):
         bus.metrics(i, {"loss": i})
-    wait_for(lambda: len(stream_events(client, keys)) == 50)
+    wait_for(lambda: len(stream_events(client, keys)) == 51)  # the session first
     own_redis.stop()
     for i in range(50, 120):
         assert bus.metrics(i, {"loss": i}) is not None
@@ -76,7 +76,8 @@ def test_redis_outage_mid_run_is_survived_in_process(own_redis, namespace, spool
     for i in range(120, 150):
         bus.metrics(i, {"loss": i})
     assert bus.close() is True
-    assert [e["payload"]["epoch"] for e in stream_events(client, keys)[:150]] == list(range(150))
+    epochs = [e["payload"]["epoch"] for e in stream_events(client, keys) if e["type"] == "fit_epoch"]
+    assert epochs == list(range(150))
 
 
 def test_close_is_bounded_when_redis_is_unreachable(namespace, spool_dir):
@@ -94,7 +95,9 @@ def test_restarted_run_continues_its_sequence(redis_url, namespace, spool_dir, c
         bus.metrics(0, {"loss": 1})
     with publisher(redis_url, namespace, spool_dir, run_id="again") as bus:
         bus.metrics(1, {"loss": 1})
-    assert [e["seq"] for e in stream_events(client, keys)] == [0, 1, 2, 3]
+    events = stream_events(client, keys)
+    assert [e["seq"] for e in events] == [0, 1, 2, 3, 4, 5]
+    assert [e["type"] for e in events] == ["session", "fit_epoch", "run_end"] * 2
 
 
 def test_a_second_live_writer_of_the_same_run_is_refused(redis_url, namespace, spool_dir):
@@ -141,7 +144,7 @@ def test_bad_calls_never_raise_into_training(redis_url, namespace, spool_dir, ca
         assert bus.publish("no-such-type", {}) is None
         assert bus.metrics(0, {"huge": "x" * (2 << 20)}) is not None
         assert bus.checkpoint("/does/not/exist.pt", 0) is not None
-    events = stream_events(client, keys)
+    events = stream_events(client, keys)[1:]  # after the session
     assert events[0]["payload"]["truncated"] is True and events[0]["payload"]["keys"] == ["epoch", "metrics"]
     assert "cannot stat" in events[1]["payload"]["checkpoint"]["error"]
 
@@ -157,7 +160,7 @@ def test_full_spool_drops_metrics_keeps_the_rest_and_reports(own_redis, namespac
     own_redis.start()
     client = redis.Redis.from_url(own_redis.url)
     keys = Keys(namespace)
-    wait_for(lambda: len(stream_events(client, keys)) == 200 - dropped + 1)
+    wait_for(lambda: len(stream_events(client, keys)) == 1 + 200 - dropped + 1)  # session, metrics, checkpoint
     bus.metrics(200, {"loss": 200})
     bus.close()
     events = stream_events(client, keys)

@@ -29,7 +29,7 @@ log = logging.getLogger("trainbus.drain_job")
 LOCK_TTL_S = 15
 GUARD_TTL_S = 120  # a queued job older than this is assumed lost; the sweep may enqueue again
 INLINE_WAIT_S = 1.0  # waits up to this long are slept inside the job
-JOB_BUDGET_S = 60.0  # then the job hands over to a later one, so workers rotate between runs
+JOB_BUDGET_S = 10.0  # then the job hands over to a later one, so workers rotate between runs
 JOB_TIMEOUT_S = 3600  # a large checkpoint upload may take long
 FAILURE_TTL_S = 7 * 24 * 3600
 
