@@ -33,7 +33,7 @@ from workers.sink import RunState, Sink
 log = logging.getLogger("trainbus.dispatch")
 
 READ_COUNT = 200
-BLOCK_MS = 500
+BLOCK_MS = 100  # also how often due drain jobs are enqueued
 SWEEP_EVERY_S = 5.0
 TRIM_EVERY_S = 30.0
 RAW_KEEP_BYTES = 2048  # how much of an invalid entry the dead letter keeps

@@ -28,7 +28,8 @@ log = logging.getLogger("trainbus.drain_job")
 
 LOCK_TTL_S = 15
 GUARD_TTL_S = 120  # a queued job older than this is assumed lost; the sweep may enqueue again
-INLINE_WAIT_S = 1.0  # waits up to this long are slept inside the job
+INLINE_WAIT_S = 1.0  # waits up to this long are slept inside the job, if no other job is queued
+POLL_S = 0.1  # while sleeping inside the job, look for new work this often
 JOB_BUDGET_S = 10.0  # then the job hands over to a later one, so workers rotate between runs
 JOB_TIMEOUT_S = 3600  # a large checkpoint upload may take long
 FAILURE_TTL_S = 7 * 24 * 3600
@@ -112,15 +113,16 @@ def drain(sink: str, run_id: str) -> str:
     try:
         client.delete(keys.guard(sink, run_id))  # events from now on may queue another job
         target = make_sink(sink, client, keys, settings)
+        queue = queue_for(client, keys, sink)
         deadline = time.monotonic() + JOB_BUDGET_S
         while True:
             wait = target.drain(run_id)
             if wait is None:
                 return "done"
-            if wait > INLINE_WAIT_S or time.monotonic() + wait > deadline:
-                schedule(client, keys, sink, run_id, time.time() + wait)
+            if wait > INLINE_WAIT_S or time.monotonic() + wait > deadline or queue.count:
+                schedule(client, keys, sink, run_id, time.time() + wait)  # let other runs have this worker
                 return f"more in {wait:.1f} s"
-            time.sleep(wait)
+            time.sleep(min(wait, POLL_S))
     finally:
         lock.release()
 
