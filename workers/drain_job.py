@@ -106,12 +106,12 @@ def drain(sink: str, run_id: str) -> str:
     settings = worker_settings()
     client = redis_client(settings.redis_url)
     keys = Keys(settings.namespace)
+    client.delete(keys.guard(sink, run_id))  # no longer queued: new events may queue another job
     lock = RunLock(client, keys.lock(sink, run_id))
     if not lock.acquire():
         schedule(client, keys, sink, run_id, time.time() + 1.0)
         return "another worker is draining this run; rescheduled"
     try:
-        client.delete(keys.guard(sink, run_id))  # events from now on may queue another job
         target = make_sink(sink, client, keys, settings)
         queue = queue_for(client, keys, sink)
         deadline = time.monotonic() + JOB_BUDGET_S

@@ -163,6 +163,10 @@ class HubSink:
         if wait:
             return wait
         payload = orjson.loads(pending)
+        if not _snapshot_exists(payload):  # the producer pruned it: a newer one replaced it
+            self.client.hincrby(state_key, "ckpt_superseded", 1)
+            self.runs.remove_if_same(key, {"data": pending})
+            return None
         path = self._verified(run_id, payload)
         if path is not None:
             ok, _ = self._call(
@@ -279,6 +283,12 @@ local t = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'data', ARGV[2], 'recorded_at', t[1] .. '.' .. t[2])
 return 1
 """
+
+
+def _snapshot_exists(payload: dict[str, Any]) -> bool:
+    """False only for a snapshot that was made and is gone (pruned as superseded)."""
+    path = (payload.get("checkpoint") or {}).get("path")
+    return path is None or Path(path).exists()
 
 
 def model_payload(session: dict[str, Any]) -> dict[str, Any]:
