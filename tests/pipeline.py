@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "k" * 42
 MODEL_ID = "M" * 20
 WORKER_FLAGS = [
+    "-w",
+    "workers.rq_worker.Worker",
     "-S",
     "rq.serializers.JSONSerializer",
     "--worker-ttl",

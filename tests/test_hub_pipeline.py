@@ -7,7 +7,9 @@ Redis, with fast rate limits (metrics 0.2 s, checkpoints 1 s, heartbeats 0.5 s).
 from __future__ import annotations
 
 import hashlib
+import json
 import time
+import zlib
 
 import pytest
 import torch
@@ -242,3 +244,73 @@ def test_bad_entries_are_dead_lettered_and_the_rest_is_delivered(pipeline, hub, 
     assert "unknown event type 'nope'" in reasons
     assert "missing field 'run_id'" in reasons
     assert any("more than the 1048576 allowed" in r for r in reasons)
+
+
+def test_worker_killed_mid_upload_is_replaced_and_the_upload_completes_within_60s(pipeline, hub, spool_dir, tmp_path):
+    hub.fault(endpoint="upload", delay=3.0, count=1)  # the final upload hangs in the server for 3 s
+    pipeline.dispatcher()
+    with publisher(pipeline, spool_dir, "killed-worker") as bus:
+        train(bus, tmp_path / "kw", epochs=1)
+    worker = pipeline.worker()
+    wait_for(lambda: hub.requests("metrics"), timeout=30)
+    time.sleep(0.8)  # now inside the delayed final upload
+    pipeline.kill(worker)  # SIGKILL the worker and its work horse
+    killed_at = time.monotonic()
+    pipeline.worker()
+    wait_for(lambda: [r for r in final_uploads(hub, MODEL_ID) if r["ts"] > time.time() - 60], timeout=60)
+    assert time.monotonic() - killed_at < 60
+
+
+def test_dispatcher_killed_mid_batch_loses_no_entry(pipeline, hub, spool_dir, client, keys, tmp_path):
+    with publisher(pipeline, spool_dir, "kd") as bus:
+        sent = train(bus, tmp_path / "kd", epochs=40, pause=0)
+    first = pipeline.dispatcher()
+    wait_for(lambda: client.exists(keys.state("hub", "kd")), timeout=30)
+    pipeline.kill(first)
+    pipeline.dispatcher()  # claims what the dead one read but never acknowledged (--claim-idle 1)
+    pipeline.worker()
+    wait_for(lambda: final_uploads(hub, MODEL_ID), timeout=60)
+    assert metrics_by_epoch(hub, MODEL_ID) == {e: [sent[e]] for e in range(40)}
+    assert client.xpending(keys.events, "hub")["pending"] == 0
+
+
+def test_redis_restarted_mid_run_and_the_run_completes(own_redis, namespace, hub, spool_dir, tmp_path):
+    own_redis.extra = ("--appendonly", "yes")
+    own_redis.start()
+    pipe = Pipeline(own_redis.url, namespace, hub, spool_dir)
+    try:
+        pipe.dispatcher()
+        pipe.worker()
+        bus = publisher(pipe, spool_dir, "rr")
+
+        def restart_redis(epoch: int) -> None:
+            if epoch == 5:
+                own_redis.stop()
+            if epoch == 8:
+                own_redis.start()
+
+        sent = train(bus, tmp_path / "rr", epochs=12, pause=0.2, between=restart_redis)
+        bus.close()
+        wait_for(lambda: final_uploads(hub, MODEL_ID), timeout=90)
+        assert metrics_by_epoch(hub, MODEL_ID) == {e: [sent[e]] for e in range(12)}
+    finally:
+        pipe.stop()
+
+
+def test_no_secret_in_redis_or_logs_and_jobs_are_json(pipeline, hub, spool_dir, client, keys, tmp_path):
+    pipeline.dispatcher()
+    pipeline.worker()
+    with publisher(pipeline, spool_dir, "secret", f"{tests_pipeline.API_KEY}_{MODEL_ID}") as bus:
+        train(bus, tmp_path / "secret", epochs=3)
+    wait_for(lambda: final_uploads(hub, MODEL_ID), timeout=60)
+    key = tests_pipeline.API_KEY.encode()
+    for name in client.scan_iter(match="*"):
+        kind = client.type(name)
+        dumped = client.dump(name) or b""
+        assert key not in name and key not in dumped, name
+        if name.startswith(b"rq:job:") and kind == b"hash":
+            data = client.hget(name, "data")
+            if data:
+                json.loads(zlib.decompress(data))  # RQ compresses job data; inside: JSON, not a pickle
+    for log in spool_dir.glob("proc-*.log"):
+        assert key not in log.read_bytes(), log

@@ -1,0 +1,52 @@
+"""The RQ worker class trainbus runs: ``rq worker -w workers.rq_worker.Worker ...``.
+
+RQ's work loop quits on any unexpected Redis error (a Redis restart, a failover), which
+leaves a queue without a worker until something restarts the process. This worker waits
+for Redis to answer again and re-enters the loop. (Jobs are JSON: with
+``-S rq.serializers.JSONSerializer`` a pickled payload fails to decode, it is never unpickled.)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+import rq
+
+from shared.backoff import compute_backoff
+
+log = logging.getLogger("trainbus.worker")
+
+
+class Worker(rq.Worker):
+    def work(self, burst: bool = False, *args: Any, **kwargs: Any) -> bool:
+        attempt = 0
+        while True:
+            try:
+                worked = super().work(burst, *args, **kwargs)
+            except REDIS_DOWN as exc:  # raised by RQ's own clean-up when Redis is gone
+                log.warning("worker %s: Redis unavailable (%s)", self.name, exc)
+                worked = False
+            if burst or self._stop_requested or kwargs.get("max_jobs") or kwargs.get("max_idle_time"):
+                return worked
+            while not self._redis_answers():
+                delay = compute_backoff(attempt, base=0.5, cap=30.0)
+                log.warning("worker %s: waiting %.1f s for Redis to answer", self.name, delay)
+                time.sleep(delay)
+                attempt += 1
+            attempt = 0
+            log.warning("worker %s: Redis answers again; re-entering the work loop", self.name)
+
+    def _redis_answers(self) -> bool:
+        """Ping; once it answers, clear this worker's stale registration so it can register again."""
+        try:
+            self.connection.ping()
+            self.register_death()
+            return True
+        except REDIS_DOWN:
+            return False
+
+
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
