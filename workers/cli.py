@@ -140,11 +140,12 @@ def run_dispatch(args: argparse.Namespace) -> int:
     import redis
 
     from workers.dispatch import Dispatcher
+    from workers.rq_worker import show_trainbus_logs
 
     settings = WorkerSettings.from_env()
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5)
     dispatcher = Dispatcher(client, settings, claim_idle_s=args.claim_idle)
-    logging.getLogger("trainbus").setLevel(logging.INFO)
+    show_trainbus_logs()
     print(
         f"dispatching {Keys(settings.namespace).events} on {redact_url(settings.redis_url)} "
         f"to {', '.join(settings.sinks)}",

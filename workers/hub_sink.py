@@ -113,7 +113,7 @@ class HubSink:
         if not ok:
             return None
         self.client.hset(state_key, "model_id", model_id)
-        log.info("run %s: created HUB model %s", run_id, model_id)
+        log.info("upload sink=hub run=%s kind=create outcome=ok model=%s", run_id, model_id)
         return model_id
 
     def _heartbeat(self, run_id: str, model_id: str, state: dict[str, bytes], now: float) -> float | None:
@@ -149,7 +149,7 @@ class HubSink:
         pipe.hincrby(state_key, "metrics_requests", 1)
         pipe.hincrby(state_key, "metrics_epochs", len(epochs))
         pipe.execute()
-        log.info("run %s: uploaded metrics for epochs %s", run_id, sorted(epochs))
+        log.info("upload sink=hub run=%s kind=metrics outcome=ok epochs=%d", run_id, len(epochs))
         return self.limits.wait(state_key, "metrics", time.time()) if self.client.hlen(key) else None
 
     def _checkpoint(self, run_id: str, model_id: str, now: float) -> float | None:
@@ -181,7 +181,7 @@ class HubSink:
             if not ok:
                 return self.limits.wait(state_key, "ckpt", time.time())
             self.client.hincrby(state_key, "ckpt_uploads", 1)
-            log.info("run %s: uploaded checkpoint of epoch %s", run_id, payload["epoch"])
+            log.info("upload sink=hub run=%s kind=ckpt outcome=ok epoch=%s", run_id, payload["epoch"])
         self.runs.remove_if_same(key, {"data": pending})
         return None
 
@@ -215,7 +215,7 @@ class HubSink:
             )
             if not ok:
                 return self.limits.wait(state_key, "final", time.time())
-            log.info("run %s: uploaded final model (epoch %s)", run_id, payload["epoch"])
+            log.info("upload sink=hub run=%s kind=final outcome=ok epoch=%s", run_id, payload["epoch"])
         ckpt_key = self.keys.pending(SINK, run_id, "ckpt")
         pipe = self.client.pipeline(transaction=False)
         if self.client.hexists(ckpt_key, "data"):
@@ -250,6 +250,7 @@ class HubSink:
         except HubError as exc:
             if not exc.retryable:
                 reason = f"run {run_id}: {exc}"
+                log.error("upload sink=hub run=%s kind=%s outcome=failed error=%r", run_id, kind, str(exc))
                 self.client.set(self.keys.blocked(SINK, run_id), reason)
                 raise HubUploadFailed(reason) from None
             attempt = self.client.hincrby(state_key, f"fail:{kind}", 1)
@@ -259,7 +260,9 @@ class HubSink:
             else:
                 self.limits.push_back(state_key, kind, time.time() + delay)
             self.client.hincrby(state_key, "retries", 1)
-            log.warning("run %s: %s request failed, retry in %.1f s: %s", run_id, kind, delay, exc)
+            log.warning(
+                "upload sink=hub run=%s kind=%s outcome=retry delay=%.1f error=%r", run_id, kind, delay, str(exc)
+            )
             return False, None
         self.client.hdel(state_key, f"fail:{kind}")
         return True, result

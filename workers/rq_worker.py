@@ -22,6 +22,7 @@ log = logging.getLogger("trainbus.worker")
 
 class Worker(rq.Worker):
     def work(self, burst: bool = False, *args: Any, **kwargs: Any) -> bool:
+        show_trainbus_logs()
         attempt = 0
         while True:
             try:
@@ -50,3 +51,13 @@ class Worker(rq.Worker):
 
 
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+def show_trainbus_logs(level: int = logging.INFO) -> None:
+    """One line per upload outcome (``upload sink=hub run=... outcome=ok``) on stderr."""
+    logger = logging.getLogger("trainbus")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(level)
