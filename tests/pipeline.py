@@ -16,13 +16,13 @@ import requests
 import torch
 
 from producers import Publisher
+from shared.keys import QUEUES
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "k" * 42
 MODEL_ID = "M" * 20
+WORKER_CLASS = {"hub": "workers.rq_worker.Worker", "clearml": "workers.rq_worker.SimpleWorker"}
 WORKER_FLAGS = [
-    "-w",
-    "workers.rq_worker.Worker",
     "-S",
     "rq.serializers.JSONSerializer",
     "--worker-ttl",
@@ -86,13 +86,16 @@ class Pipeline:
         )
         self.env.update({k: str(v) for k, v in settings.items()})
         self.procs: list[subprocess.Popen] = []
+        self.log_dir = spool_dir
 
     def dispatcher(self, *extra: str) -> subprocess.Popen:
         return self._start([sys.executable, "-m", "workers.cli", "dispatch", "--claim-idle", "1", *extra])
 
-    def worker(self) -> subprocess.Popen:
-        queue = f"{self.namespace}.hub-uploads"
-        return self._start([sys.executable, "-m", "rq.cli", "worker", queue, "-u", self.redis_url, *WORKER_FLAGS])
+    def worker(self, sink: str = "hub") -> subprocess.Popen:
+        """``rq worker`` for a sink's queue: forking for hub-uploads, SimpleWorker for clearml."""
+        queue = f"{self.namespace}.{QUEUES[sink]}"
+        flags = [*WORKER_FLAGS, "-w", WORKER_CLASS[sink]]
+        return self._start([sys.executable, "-m", "rq.cli", "worker", queue, "-u", self.redis_url, *flags])
 
     def cli(self, *args: str, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -116,7 +119,7 @@ class Pipeline:
                 proc.wait()
 
     def _start(self, args: list[str]) -> subprocess.Popen:
-        log = open(Path(self.env["TRAINBUS_FILE_ROOTS"]) / f"proc-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        log = open(self.log_dir / f"proc-{len(self.procs)}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
             args, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )

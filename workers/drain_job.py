@@ -132,6 +132,10 @@ def make_sink(name: str, client: redis.Redis, keys: Keys, settings: WorkerSettin
         from workers.hub_sink import HubSink
 
         return HubSink(client, keys, settings)
+    if name == "clearml":
+        from workers.clearml_sink import ClearmlSink
+
+        return ClearmlSink(client, keys, settings)
     raise ValueError(f"unknown sink {name!r}")
 
 

@@ -20,13 +20,19 @@ from shared.backoff import compute_backoff
 log = logging.getLogger("trainbus.worker")
 
 
-class Worker(rq.Worker):
+class OutlivesRedisRestarts:
+    """Mixed into RQ's worker classes: wait for Redis and re-enter the loop instead of exiting."""
+
+    connection: redis.Redis
+    name: str
+    _stop_requested: bool
+
     def work(self, burst: bool = False, *args: Any, **kwargs: Any) -> bool:
         show_trainbus_logs()
         attempt = 0
         while True:
             try:
-                worked = super().work(burst, *args, **kwargs)
+                worked = super().work(burst, *args, **kwargs)  # type: ignore[misc]
             except REDIS_DOWN as exc:  # raised by RQ's own clean-up when Redis is gone
                 log.warning("worker %s: Redis unavailable (%s)", self.name, exc)
                 worked = False
@@ -44,10 +50,19 @@ class Worker(rq.Worker):
         """Ping; once it answers, clear this worker's stale registration so it can register again."""
         try:
             self.connection.ping()
-            self.register_death()
+            self.register_death()  # type: ignore[attr-defined]
             return True
         except REDIS_DOWN:
             return False
+
+
+class Worker(OutlivesRedisRestarts, rq.Worker):
+    """The forking worker, for ``hub-uploads``: each job in a fresh work horse."""
+
+
+class SimpleWorker(OutlivesRedisRestarts, rq.SimpleWorker):
+    """The non-forking worker, for ``clearml``: ClearML tasks and the SDK's queues live in the
+    worker process between jobs (a forked horse would lose what the SDK had not sent)."""
 
 
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
