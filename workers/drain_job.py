@@ -27,7 +27,7 @@ from workers.sink import Sink
 log = logging.getLogger("trainbus.drain_job")
 
 LOCK_TTL_S = 15
-GUARD_TTL_S = 120  # a queued job older than this is assumed lost; the sweep may enqueue again
+GUARD_TTL_S = 30  # a queued job older than this is assumed lost (e.g. a Redis restart); the sweep may enqueue again
 INLINE_WAIT_S = 1.0  # waits up to this long are slept inside the job, if no other job is queued
 POLL_S = 0.1  # while sleeping inside the job, look for new work this often
 JOB_BUDGET_S = 10.0  # then the job hands over to a later one, so workers rotate between runs

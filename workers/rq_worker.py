@@ -76,3 +76,4 @@ def show_trainbus_logs(level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(level)
+        logger.propagate = False  # the root logger may have a handler too (basicConfig)
