@@ -201,6 +201,7 @@ class WorkerSettings:
     hub_api_url: str = env_field("TRAINBUS_HUB_API_URL", http_url_setting, default=DEFAULT_HUB_API_URL)
     hub_api_key: str | None = env_field("TRAINBUS_HUB_API_KEY", text_setting, default=None, repr=False)
     hub_timeout_s: float = env_field("TRAINBUS_HUB_TIMEOUT_S", number_setting, default=60.0)
+    clearml_timeout_s: float = env_field("TRAINBUS_CLEARML_TIMEOUT_S", number_setting, default=30.0)
     rate_metrics: float = env_field("TRAINBUS_RATE_METRICS", number_setting, default=3.0)
     rate_ckpt: float = env_field("TRAINBUS_RATE_CKPT", number_setting, default=900.0)
     rate_heartbeat: float = env_field("TRAINBUS_RATE_HEARTBEAT", number_setting, default=300.0)
@@ -213,6 +214,7 @@ class WorkerSettings:
         positive("TRAINBUS_RATE_CKPT", self.rate_ckpt)
         positive("TRAINBUS_RATE_HEARTBEAT", self.rate_heartbeat)
         positive("TRAINBUS_HUB_TIMEOUT_S", self.hub_timeout_s)
+        positive("TRAINBUS_CLEARML_TIMEOUT_S", self.clearml_timeout_s)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:

@@ -7,15 +7,19 @@ later; its metrics.jsonl and task.json are checked event by event.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 
 from producers import Publisher
+from tests.clearml_server import ACCESS_KEY, SECRET_KEY
 from tests.helpers import wait_for
-from tests.pipeline import MODEL_ID, HubServer, Pipeline
+from tests.pipeline import MODEL_ID, ROOT, HubServer, Pipeline
 
 EPOCHS = 5
 
@@ -196,3 +200,117 @@ def test_two_interleaved_runs_land_in_two_tasks_with_nothing_crossed(pipeline, s
             e["value"] for e in metrics_of(sessions(cache_dir)[name]) if e["type"] == "training_stats_scalar"
         )
         assert values == [100 * i + epoch for epoch in range(4)]
+
+
+class ClearmlServer:
+    """``python -m tests.clearml_server`` as a process."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.clearml_server"], stdout=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        self.url = self.proc.stdout.readline().rsplit(" ", 1)[-1].strip()
+
+    def state(self) -> dict:
+        return requests.get(f"{self.url}/_control/state", timeout=10).json()
+
+    def fault(self, **faults) -> None:
+        requests.post(f"{self.url}/_control/faults", json=faults, timeout=10).raise_for_status()
+
+    def env(self) -> dict[str, str]:
+        return {
+            "CLEARML_API_HOST": self.url,
+            "CLEARML_WEB_HOST": self.url,
+            "CLEARML_FILES_HOST": self.url,
+            "CLEARML_API_ACCESS_KEY": ACCESS_KEY,
+            "CLEARML_API_SECRET_KEY": SECRET_KEY,
+        }
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def clearml():
+    server = ClearmlServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def online(redis_url, namespace, hub, spool_dir, workdir, clearml):
+    p = Pipeline(
+        redis_url,
+        namespace,
+        hub,
+        spool_dir,
+        TRAINBUS_SINKS="hub,clearml",
+        TRAINBUS_CLEARML_TIMEOUT_S=3,
+        TRAINBUS_FILE_ROOTS=f"{spool_dir}:{workdir}",
+        **clearml.env(),
+    )
+    yield p
+    p.stop()
+
+
+def task_named(clearml: ClearmlServer, name: str) -> dict | None:
+    return next((t for t in clearml.state()["tasks"].values() if t.get("name") == name), None)
+
+
+def test_a_5_epoch_run_reaches_a_clearml_server(online, clearml, spool_dir, workdir):
+    online.dispatcher()
+    online.worker("clearml")
+    bus = Publisher(
+        redis_url=online.redis_url, namespace=online.namespace, spool_dir=spool_dir, run_id="onl", hub_model=MODEL_ID
+    )
+    yolo_like_run(bus, workdir / "exp-online")
+    bus.close()
+    task = wait_for(lambda: (t := task_named(clearml, "exp-online")) and t["status"] == "completed" and t, timeout=90)
+    state = clearml.state()
+    events = [e for e in state["events"] if e.get("task") == task["id"]]
+    scalars = [
+        (e["metric"], e["variant"], e["iter"], e["value"])
+        for e in events
+        if e["type"] == "training_stats_scalar" and e["metric"] != "Summary"
+    ]
+    assert len(scalars) == len(set(scalars)) == EPOCHS * 6
+    assert ("val", "metrics/mAP50-95(B)", 3, 0.3) in scalars
+    singles = {e["variant"]: e["value"] for e in events if e["metric"] == "Summary"}
+    assert singles["model/parameters"] == 3000000 and singles["fitness"] == 0.4
+    images = sorted((e["metric"], e["variant"], e["iter"]) for e in events if e["type"] == "training_debug_image")
+    assert [i for i in images if i[0] == "Mosaic"] == [("Mosaic", "train.jpg", i) for i in range(3)]
+    assert sorted(e["metric"] for e in events if e["type"] == "plot") == ["BoxPR_curve", "results"]
+    assert task["hyperparams"]["General"]["epochs"]["value"] == "5"
+    assert task["project_name"] == "detectors" and "trainbus" in task["tags"]
+    (output,) = task["models"]["output"]
+    model = state["models"][output["model"]]
+    assert model["name"] == "best" and model["uri"].endswith("-final.pt"), "the snapshot of best.pt"
+    assert state["files"], "images and the model went to the files host"
+
+
+def test_clearml_down_for_part_of_the_run_then_everything_arrives_once(online, clearml, spool_dir, workdir):
+    online.dispatcher()
+    online.worker("clearml")
+    bus = Publisher(
+        redis_url=online.redis_url, namespace=online.namespace, spool_dir=spool_dir, run_id="outage", hub_model=MODEL_ID
+    )
+    bus.session({"epochs": 10}, name="outage")
+    for epoch in range(10):
+        if epoch == 3:
+            clearml.fault(down=True)
+        if epoch == 7:
+            clearml.fault(down=False)
+        bus.metrics(epoch, {"train/loss": float(epoch)}, stage="train")
+        time.sleep(1.0)  # down for 4 s: longer than TRAINBUS_CLEARML_TIMEOUT_S=3
+    bus.end("completed")
+    bus.close()
+    task = wait_for(lambda: (t := task_named(clearml, "outage")) and t["status"] == "completed" and t, timeout=120)
+    values = sorted(
+        e["value"]
+        for e in clearml.state()["events"]
+        if e.get("task") == task["id"] and e["type"] == "training_stats_scalar"
+    )
+    assert values == [float(e) for e in range(10)]
+    logs = b"".join(p.read_bytes() for p in spool_dir.glob("proc-*.log"))
+    assert b"sink=clearml run=outage outcome=retry" in logs, "the outage was noticed and retried"

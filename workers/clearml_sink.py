@@ -47,7 +47,6 @@ KINDS = ("events", "media")
 TYPES = frozenset(
     {EventType.SESSION, EventType.TRAIN_EPOCH, EventType.FIT_EPOCH, EventType.MEDIA, EventType.FINAL, EventType.RUN_END}
 )
-CALL_TIMEOUT_S = 30.0
 BATCH = 200
 MEDIA_WAIT_S = 60.0  # a file named by an event may appear this late (mosaics are drawn in a thread)
 MEDIA_POLL_S = 1.0
@@ -59,7 +58,7 @@ class ClearmlTimeout(Exception):
     """A ClearML call did not return in time (server down or slow): retried later."""
 
 
-def call_with_timeout(fn: Callable[[], T], timeout: float = CALL_TIMEOUT_S, what: str = "call") -> T:
+def call_with_timeout(fn: Callable[[], T], timeout: float, what: str) -> T:
     """Run ``fn`` in a thread; raise ClearmlTimeout if it has not returned in ``timeout`` s.
 
     The SDK retries forever once logged in, so a call may never return: the thread is left
@@ -108,6 +107,9 @@ class ClearmlSink:
         self.settings = settings
         self.runs = RunState(client, keys, SINK)
         self.process = _PROCESS
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        return call_with_timeout(fn, self.settings.clearml_timeout_s, what)
 
     # -- dispatcher side -----------------------------------------------------------------
 
@@ -199,7 +201,7 @@ class ClearmlSink:
         state_key = self.keys.state(SINK, run_id)
         task_id = self.client.hget(state_key, "task_id")
         if task_id and not offline():
-            task = call_with_timeout(lambda: Task.get_task(task_id=task_id.decode()), what="get_task")
+            task = self._call(lambda: Task.get_task(task_id=task_id.decode()), what="get_task")
         elif event["type"] != EventType.SESSION:
             return None
         else:
@@ -215,13 +217,15 @@ class ClearmlSink:
             Task.set_offline(True)
         project = session.get("project") or (session.get("args") or {}).get("project") or "trainbus"
         name = session.get("name") or run_id
-        task = call_with_timeout(
+        task = self._call(
             lambda: Task._create(project_name=str(project), task_name=str(name), task_type=Task.TaskTypes.training),
             what="task create",
         )
+        if not offline():  # models go to the files server (CLEARML_FILES_HOST)
+            self._call(lambda: setattr(task, "output_uri", True), what="output destination")
         args = {k: v for k, v in (session.get("args") or {}).items() if v is not None}
-        call_with_timeout(lambda: task.connect(args, name="General"), what="connect args")
-        call_with_timeout(lambda: task.add_tags(["trainbus", f"run:{run_id}"]), what="add tags")
+        self._call(lambda: task.connect(args, name="General"), what="connect args")
+        self._call(lambda: task.add_tags(["trainbus", f"run:{run_id}"]), what="add tags")
         log.info("upload sink=clearml run=%s kind=task outcome=ok task=%s project=%s", run_id, task.id, project)
         return task
 
@@ -233,12 +237,12 @@ class ClearmlSink:
             self.runs.dead_letter(f"output model not logged: {exc}", run_id=run_id)
             return
         if offline():
-            call_with_timeout(
+            self._call(
                 lambda: task.upload_artifact("best.pt", artifact_object=str(path), wait_on_upload=True),
                 what="output model artifact",
             )
         else:
-            call_with_timeout(
+            self._call(
                 lambda: task.update_output_model(model_path=str(path), model_name="best", auto_delete_file=False),
                 what="output model",
             )
@@ -250,9 +254,9 @@ class ClearmlSink:
             "failed": lambda: task.mark_failed(status_reason=reason or "failed", force=True),
             "stopped": lambda: task.mark_stopped(force=True, status_message=reason or "stopped"),
         }
-        call_with_timeout(lambda: task.flush(wait_for_uploads=True), what="flush")
-        call_with_timeout(mark.get(status, lambda: task.mark_completed(force=True)), what=f"mark {status}")
-        call_with_timeout(task.close, what="close")
+        self._call(lambda: task.flush(wait_for_uploads=True), what="flush")
+        self._call(mark.get(status, lambda: task.mark_completed(force=True)), what=f"mark {status}")
+        self._call(task.close, what="close")
         self.client.hset(self.keys.state(SINK, run_id), "ended", status)
         log.info("upload sink=clearml run=%s kind=status outcome=ok status=%s", run_id, status)
 
@@ -335,7 +339,7 @@ class ClearmlSink:
         if not inflight or task is None:
             return None
         if not self.client.hget(self.keys.state(SINK, run_id), "ended"):
-            call_with_timeout(lambda: task.flush(wait_for_uploads=True), what="flush")
+            self._call(lambda: task.flush(wait_for_uploads=True), what="flush")
         top = max(inflight)
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(self.keys.state(SINK, run_id), "done_seq", top)
