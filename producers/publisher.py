@@ -91,6 +91,11 @@ class Publisher:
         atexit.register(self.close)
         self._hand_off_orphans()
 
+    @property
+    def next_seq(self) -> int:
+        """The seq the next event will get: how many events this run has produced so far."""
+        return self._writer.next_seq
+
     # -- the hook path ---------------------------------------------------------------
 
     def publish(self, type: str | EventType, payload: Mapping[str, Any] | None = None) -> int | None:

@@ -136,6 +136,10 @@ class UltralyticsHooks:
     def on_export_start(self, exporter: Any) -> None:
         self.bus().lifecycle(EventType.EXPORT_START)
 
+    def callbacks(self) -> dict[str, Callback]:
+        """The dict for ``model.add_callback``: every hook guarded so it never raises."""
+        return {name: _guarded(getattr(self, name)) for name in CALLBACK_NAMES}
+
     def _add_ultralytics_key(self) -> None:
         """The HUB key Ultralytics keeps in its settings file must not leak via args."""
         utils = sys.modules.get("ultralytics.utils")
@@ -162,8 +166,7 @@ CALLBACK_NAMES = (
 def make_callbacks(settings: Settings | None = None, **overrides: Any) -> dict[str, Callback]:
     """Callbacks for ``model.add_callback``; settings as ``Settings`` or keyword overrides."""
     fixed = bool(overrides.get("run_id") or settings or os.environ.get("TRAINBUS_RUN_ID"))
-    hooks = UltralyticsHooks(settings or Settings.from_env(**overrides), fixed_run_id=fixed)
-    return {name: _guarded(getattr(hooks, name)) for name in CALLBACK_NAMES}
+    return UltralyticsHooks(settings or Settings.from_env(**overrides), fixed_run_id=fixed).callbacks()
 
 
 def _guarded(fn: Callable[[Any], None]) -> Callback:

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from shared.keys import Keys
-from tests.redis_server import RedisServer
+from workers.embedded_redis import RedisServer
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 

@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dispatch.set_defaults(func=run_dispatch)
 
+    from workers import demo
+
+    demo.add_parser(commands)
+
     failed = commands.add_parser("failed", help="list drain jobs that failed for good, with reasons")
     failed.add_argument("--requeue", action="store_true", help="unblock those runs and send their jobs again")
     failed.set_defaults(func=show_failed)

@@ -1,4 +1,4 @@
-"""A redis-server process of the test's own, for tests that stop and start Redis."""
+"""A redis-server process of our own: the demo when no Redis answers, and tests that stop Redis."""
 
 from __future__ import annotations
 

