@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo.add_parser(commands)
 
+    status = commands.add_parser("status", help="stream lag, pending work per run, queues, failures")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    status.set_defaults(func=show_status)
+
     failed = commands.add_parser("failed", help="list drain jobs that failed for good, with reasons")
     failed.add_argument("--requeue", action="store_true", help="unblock those runs and send their jobs again")
     failed.set_defaults(func=show_failed)
@@ -163,6 +167,26 @@ def run_dispatch(args: argparse.Namespace) -> int:
         f"dispatched {stats.entries} entries, {stats.dead_letters} dead letters, "
         f"{stats.jobs_enqueued} drain jobs queued"
     )
+    return 0
+
+
+def show_status(args: argparse.Namespace) -> int:
+    import orjson
+    import redis
+
+    from workers.status import format_status, pipeline_status
+
+    settings = WorkerSettings.from_env()
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    try:
+        status = pipeline_status(client, Keys(settings.namespace), settings.sinks)
+    except redis.ConnectionError as exc:
+        print(f"trainbus: cannot reach Redis at {redact_url(settings.redis_url)}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(format_status(status))
     return 0
 
 

@@ -1,0 +1,106 @@
+"""``trainbus status``: what the pipeline holds right now, read from Redis only.
+
+Stream length, per consumer group the lag (entries not yet read) and pending entries (read,
+not acknowledged), dead letters; per active run its last event, whether its producer is
+alive, pending work and the next slot per upload type; RQ queue depths and failed jobs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+from rq.registry import FailedJobRegistry
+
+from shared.keys import Keys
+from workers.drain_job import queue_for
+
+NEXT_SLOTS = ("metrics", "ckpt", "heartbeat", "final", "create")
+
+
+def pipeline_status(client: redis.Redis, keys: Keys, sinks: tuple[str, ...]) -> dict[str, Any]:
+    now = time.time()
+    return {
+        "stream": _stream(client, keys),
+        "dead_letters": client.xlen(keys.dead_letters),
+        "queues": {sink: _queue(client, keys, sink) for sink in sinks},
+        "runs": {
+            sink: {
+                run.decode(): _run(client, keys, sink, run.decode(), now)
+                for run in sorted(client.smembers(keys.active(sink)))
+            }
+            for sink in sinks
+        },
+    }
+
+
+def _stream(client: redis.Redis, keys: Keys) -> dict[str, Any]:
+    length = client.xlen(keys.events)
+    groups = {}
+    try:
+        infos = client.xinfo_groups(keys.events)
+    except redis.ResponseError:  # no stream yet
+        infos = []
+    for info in infos:
+        name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+        groups[name] = {"lag": info.get("lag"), "pending": info.get("pending"), "consumers": info.get("consumers")}
+    return {"key": keys.events, "length": length, "groups": groups}
+
+
+def _queue(client: redis.Redis, keys: Keys, sink: str) -> dict[str, Any]:
+    queue = queue_for(client, keys, sink)
+    return {"name": queue.name, "queued": queue.count, "failed": FailedJobRegistry(queue=queue).count}
+
+
+def _run(client: redis.Redis, keys: Keys, sink: str, run_id: str, now: float) -> dict[str, Any]:
+    state = {k.decode(): v.decode() for k, v in client.hgetall(keys.state(sink, run_id)).items()}
+    last = float(state.get("last_event_ts", 0) or 0)
+    pending = {}
+    for kind in ("metrics", "events", "media"):
+        key = keys.pending(sink, run_id, kind)
+        kind_of = client.type(key)
+        if kind_of == b"hash":
+            pending[kind] = client.hlen(key)
+        elif kind_of == b"zset":
+            pending[kind] = client.zcard(key)
+    for kind in ("ckpt", "final"):
+        if client.hexists(keys.pending(sink, run_id, kind), "data"):
+            pending[kind] = 1
+    next_in = {
+        kind: round(max(0.0, float(state[f"next:{kind}"]) - now), 1) for kind in NEXT_SLOTS if f"next:{kind}" in state
+    }
+    alive_ttl = client.ttl(keys.alive(run_id))
+    blocked = client.get(keys.blocked(sink, run_id))
+    return {
+        "last_event_s_ago": round(now - last, 1) if last else None,
+        "producer_alive": alive_ttl > 0,
+        "pending": pending,
+        "next_upload_in_s": next_in,
+        "retries": int(state.get("retries", 0)),
+        "retrying": sorted(k.removeprefix("fail:") for k in state if k.startswith("fail")),
+        "ended": state.get("ended"),
+        "blocked": blocked.decode() if blocked else None,
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    stream = status["stream"]
+    lines = [f"stream {stream['key']}: {stream['length']} entries, {status['dead_letters']} dead letters"]
+    for name, group in stream["groups"].items():
+        lines.append(
+            f"  group {name:<8} lag {group['lag']}  pending {group['pending']}  consumers {group['consumers']}"
+        )
+    for queue in status["queues"].values():
+        lines.append(f"queue {queue['name']}: {queue['queued']} queued, {queue['failed']} failed")
+    for sink, runs in status["runs"].items():
+        for run_id, run in runs.items():
+            alive = "alive" if run["producer_alive"] else "silent"
+            lines.append(
+                f"{sink:<8} run {run_id}: last event {run['last_event_s_ago']} s ago, producer {alive}, "
+                f"pending {run['pending'] or '-'}, next {run['next_upload_in_s'] or '-'}, "
+                f"retries {run['retries']}" + (f", BLOCKED: {run['blocked']}" if run["blocked"] else "")
+            )
+    if not any(status["runs"].values()):
+        lines.append("no active runs")
+    return "\n".join(lines)
