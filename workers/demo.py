@@ -429,6 +429,7 @@ def summarize(stack: Stack, report: TrainReport, delivered: bool) -> dict[str, A
     return {
         "delivered": delivered,
         "run_id": report.run_id,
+        "namespace": stack.namespace,
         "epochs": report.epochs,
         "events": report.events,
         "hub_requests": by_type,

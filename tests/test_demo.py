@@ -1,0 +1,75 @@
+"""`trainbus demo` end to end in a subprocess: exit code, and its summary against what the
+HUB server and the ClearML offline session actually received."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--epochs", "3", "--rate-metrics", "0.3", "--rate-ckpt", "1", "--rate-heartbeat", "0.5", "--timeout", "120"]
+
+
+def demo(tmp_path: Path, redis_url: str, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINBUS_", "CLEARML_"))}
+    env.update(TRAINBUS_REDIS_URL=redis_url, PYTHONPATH=str(ROOT))
+    summary = tmp_path / "summary.json"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "demo",
+            *FAST,
+            "--workdir",
+            str(tmp_path / "demo"),
+            "--summary-json",
+            str(summary),
+            *extra,
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return out, (json.loads(summary.read_text()) if summary.exists() else {})
+
+
+def test_demo_delivers_everything_and_its_summary_is_true(tmp_path, redis_url):
+    out, s = demo(tmp_path, redis_url, "--hub-fault", "503x2", "--hub-fault", "429")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "everything delivered" in out.stdout and "epoch 3/3" in out.stdout
+    received = [r for r in s["hub_received"] if r.get("status") == 200]
+    metrics = [r for r in received if r["endpoint"] == "metrics"]
+    assert s["hub_requests"]["metrics"] == len(metrics) == s["metrics_requests"]
+    assert sorted(int(e) for r in metrics for e in r["metrics"]) == [0, 1, 2], "each epoch once"
+    assert s["hub_requests"]["upload-final"] == 1 and received[-1]["fields"]["type"] == "final"
+    assert s["hub_failed_requests"] == 3 == len([r for r in s["hub_received"] if r.get("status") != 200])
+    uploads = [r for r in received if r["endpoint"] == "upload" and r["fields"]["type"] == "epoch"]
+    assert s["checkpoints_uploaded"] == len(uploads)
+    assert s["checkpoints_uploaded"] + s["checkpoints_superseded"] == 3
+    client = redis.Redis.from_url(redis_url)
+    pushed = int(client.hget(f"{s['namespace']}:run:{s['run_id']}:producer", "pushed"))
+    assert s["events"] == pushed + 1, "every event the hooks produced is in Redis"
+    session = Path(s["clearml_session"])
+    events = [e for line in (session / "metrics.jsonl").read_text().splitlines() for e in json.loads(line)]
+    scalars = [e for e in events if e["type"] == "training_stats_scalar" and e["metric"] != "Summary"]
+    assert len(scalars) == 3 * 5  # train loss, lr, 2 val metrics, epoch time per epoch
+    assert {e["metric"] for e in events if e["type"] == "training_debug_image"} == {"Mosaic", "Validation"}
+    assert [e["metric"] for e in events if e["type"] == "plot"] == ["results"]
+    assert s["hook_us_p50"] > 0 and s["last_event_to_last_upload_s"] >= 0
+
+
+def test_demo_starts_and_stops_its_own_redis_when_none_answers(tmp_path):
+    out, s = demo(tmp_path, "redis://127.0.0.1:1/0")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "started an embedded redis-server" in out.stdout
+    left = subprocess.run(["pgrep", "-f", f"redis-server.*{tmp_path}"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "no redis-server left running"
+    assert s["delivered"] is True
