@@ -49,6 +49,11 @@ class Keys:
         """Stream of entries and uploads that cannot be processed, each with its reason."""
         return f"{self.namespace}:dead"
 
+    @property
+    def metrics(self) -> str:
+        """Hash of counters every process increments; served by ``trainbus metrics``."""
+        return f"{self.namespace}:metrics"
+
     def queue(self, sink: str) -> str:
         """RQ queue of a sink: ``hub-uploads``/``clearml``, prefixed outside the default namespace."""
         name = QUEUES[sink]

@@ -38,11 +38,12 @@ def test_the_schema_check_catches_a_mistake():
 
 def test_the_stack_has_what_it_needs():
     services = COMPOSE["services"]
-    assert {"redis", "dispatcher", "hub-uploads", "clearml"} <= set(services)
+    assert {"redis", "dispatcher", "hub-uploads", "clearml", "metrics", "rq-dashboard", "demo"} <= set(services)
+    assert "--json" in services["rq-dashboard"]["command"], "jobs are JSON: the dashboard must decode them so"
     assert "--appendonly" in services["redis"]["command"], "Redis keeps its data across restarts"
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     for name, service in services.items():
-        assert service.get("restart") == "unless-stopped", name
+        assert service.get("restart") == ("no" if name == "demo" else "unless-stopped"), name
     for name in ("dispatcher", "hub-uploads", "clearml"):
         assert "run-data:/data" in services[name]["volumes"], "workers read run files from the shared volume"
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -50,7 +51,7 @@ def test_the_stack_has_what_it_needs():
     assert ".env" in (ROOT / ".gitignore").read_text().split(), "the secrets file is not committed"
 
 
-@pytest.mark.parametrize("service", ["dispatcher"])
+@pytest.mark.parametrize("service", ["dispatcher", "metrics", "demo"])
 def test_trainbus_commands_exist(service):
     command = COMPOSE["services"][service]["command"]
     assert command[0] == "trainbus"

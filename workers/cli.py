@@ -93,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
     status.set_defaults(func=show_status)
 
+    metrics = commands.add_parser(
+        "metrics",
+        help="serve Prometheus metrics of the whole pipeline on /metrics",
+        description="Counters (events dispatched, uploads by sink/kind/outcome, retries, rate-limit waits, "
+        "dead letters, hook-to-upload latency) are kept in Redis by every process; this serves them with "
+        "the stream lag and queue depths read at scrape time. Run one per deployment.",
+    )
+    metrics.add_argument("--port", type=int, default=9108, help="port to listen on (default 9108)")
+    metrics.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
+    metrics.set_defaults(func=serve_metrics)
+
     failed = commands.add_parser("failed", help="list drain jobs that failed for good, with reasons")
     failed.add_argument("--requeue", action="store_true", help="unblock those runs and send their jobs again")
     failed.set_defaults(func=show_failed)
@@ -168,6 +179,26 @@ def run_dispatch(args: argparse.Namespace) -> int:
         f"{stats.jobs_enqueued} drain jobs queued"
     )
     return 0
+
+
+def serve_metrics(args: argparse.Namespace) -> int:
+    import time
+
+    import redis
+    from prometheus_client import REGISTRY, start_http_server
+
+    from workers.telemetry import RedisCollector
+
+    settings = WorkerSettings.from_env()
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    REGISTRY.register(RedisCollector(client, Keys(settings.namespace), settings.sinks))
+    start_http_server(args.port, addr=args.host)
+    print(f"serving trainbus metrics on http://{args.host}:{args.port}/metrics", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
 
 
 def show_status(args: argparse.Namespace) -> int:

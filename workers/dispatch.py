@@ -29,6 +29,7 @@ from shared.keys import Keys
 from shared.settings import WorkerSettings, redact_url
 from workers.drain_job import enqueue_drain, make_sink
 from workers.sink import RunState, Sink
+from workers.telemetry import Counters
 
 log = logging.getLogger("trainbus.dispatch")
 
@@ -58,6 +59,7 @@ class Dispatcher:
         self.sinks: dict[str, Sink] = {name: make_sink(name, client, self.keys, settings) for name in settings.sinks}
         self.dead = {name: RunState(client, self.keys, name) for name in settings.sinks}
         self.stats = DispatchStats()
+        self.counters = Counters(client, self.keys)
         self._next_sweep = 0.0
         self._next_trim = 0.0
 
@@ -146,6 +148,7 @@ class Dispatcher:
             if enqueue_drain(self.client, self.keys, sink, run_id):
                 self.stats.jobs_enqueued += 1
         self.client.xack(self.keys.events, sink, *[entry_id for entry_id, _ in entries])
+        self.counters.dispatched(sink, len(entries))
         self.stats.entries += len(entries)
 
     def _enqueue_due(self, now: float) -> None:

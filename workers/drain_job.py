@@ -23,6 +23,7 @@ from rq.serializers import JSONSerializer
 from shared.keys import Keys
 from shared.settings import WorkerSettings
 from workers.sink import Sink
+from workers.telemetry import Counters
 
 log = logging.getLogger("trainbus.drain_job")
 
@@ -121,6 +122,7 @@ def drain(sink: str, run_id: str) -> str:
                 return "done"
             if wait > INLINE_WAIT_S or time.monotonic() + wait > deadline or queue.count:
                 schedule(client, keys, sink, run_id, time.time() + wait)  # let other runs have this worker
+                Counters(client, keys).rate_limited(sink)
                 return f"more in {wait:.1f} s"
             time.sleep(min(wait, POLL_S))
     finally:

@@ -29,11 +29,12 @@ from workers.files import FileRefused, verified_checkpoint
 from workers.hub_client import HubClient, HubError
 from workers.rate_limit import RateLimiter
 from workers.sink import RunState
+from workers.telemetry import Counters
 
 log = logging.getLogger("trainbus.hub")
 
 SINK = "hub"
-KINDS = ("metrics", "ckpt", "final")
+KINDS = ("metrics", "metrics_ts", "ckpt", "final")
 FINAL_GAP_WAIT_S = 60.0  # after this, a final goes out even if an earlier seq never arrived
 FINAL_RETRY_S = 0.5
 
@@ -52,6 +53,7 @@ class HubSink:
         self.hub = hub or HubClient(settings.hub_api_url, settings.hub_api_key, settings.hub_timeout_s)
         self.runs = RunState(client, keys, SINK)
         self.limits = RateLimiter(client)
+        self.counters = Counters(client, keys)
         self._set_if_newer = client.register_script(SET_IF_NEWER)
 
     # -- dispatcher side -----------------------------------------------------------------
@@ -68,6 +70,7 @@ class HubSink:
         elif event.type == EventType.FIT_EPOCH and isinstance(p.get("epoch"), int) and not p.get("final_eval"):
             metrics = {**(p.get("metrics") or {}), **(p.get("model_info") or {})}
             pipe.hset(k.pending(SINK, run, "metrics"), str(p["epoch"]), orjson.dumps(metrics))
+            pipe.hset(k.pending(SINK, run, "metrics_ts"), str(p["epoch"]), repr(event.ts))
         elif event.type in (EventType.CHECKPOINT, EventType.FINAL):
             kind = "final" if event.type == EventType.FINAL else "ckpt"
             self._set_if_newer(
@@ -145,6 +148,11 @@ class HubSink:
         if not ok:  # everything stays pending and goes out with the next request
             return self.limits.wait(state_key, "metrics", time.time())
         self.runs.remove_if_same(key, pending)  # a newer value that came meanwhile stays pending
+        ts_key = self.keys.pending(SINK, run_id, "metrics_ts")
+        for ts in self.client.hmget(ts_key, list(pending)):
+            if ts is not None:
+                self.counters.latency(SINK, "metrics", time.time() - float(ts))
+        self.client.hdel(ts_key, *pending)
         pipe = self.client.pipeline(transaction=False)
         pipe.hincrby(state_key, "metrics_requests", 1)
         pipe.hincrby(state_key, "metrics_epochs", len(epochs))
@@ -181,6 +189,7 @@ class HubSink:
             if not ok:
                 return self.limits.wait(state_key, "ckpt", time.time())
             self.client.hincrby(state_key, "ckpt_uploads", 1)
+            self._observe_latency(key, "ckpt")
             log.info("upload sink=hub run=%s kind=ckpt outcome=ok epoch=%s", run_id, payload["epoch"])
         self.runs.remove_if_same(key, {"data": pending})
         return None
@@ -216,6 +225,7 @@ class HubSink:
             if not ok:
                 return self.limits.wait(state_key, "final", time.time())
             log.info("upload sink=hub run=%s kind=final outcome=ok epoch=%s", run_id, payload["epoch"])
+            self._observe_latency(key, "final")
         ckpt_key = self.keys.pending(SINK, run_id, "ckpt")
         pipe = self.client.pipeline(transaction=False)
         if self.client.hexists(ckpt_key, "data"):
@@ -225,6 +235,11 @@ class HubSink:
         pipe.hdel(key, "data")
         pipe.execute()
         return None
+
+    def _observe_latency(self, pending_key: str, kind: str) -> None:
+        ts = self.client.hget(pending_key, "ts")
+        if ts:
+            self.counters.latency(SINK, kind, time.time() - float(ts))
 
     def _verified(self, run_id: str, payload: dict[str, Any]) -> Path | None:
         """The checkpoint file to upload, or None (dead-lettered) when it cannot be used."""
@@ -251,6 +266,7 @@ class HubSink:
             if not exc.retryable:
                 reason = f"run {run_id}: {exc}"
                 log.error("upload sink=hub run=%s kind=%s outcome=failed error=%r", run_id, kind, str(exc))
+                self.counters.upload(SINK, kind, "failed")
                 self.client.set(self.keys.blocked(SINK, run_id), reason)
                 raise HubUploadFailed(reason) from None
             attempt = self.client.hincrby(state_key, f"fail:{kind}", 1)
@@ -260,18 +276,20 @@ class HubSink:
             else:
                 self.limits.push_back(state_key, kind, time.time() + delay)
             self.client.hincrby(state_key, "retries", 1)
+            self.counters.upload(SINK, kind, "retry")
             log.warning(
                 "upload sink=hub run=%s kind=%s outcome=retry delay=%.1f error=%r", run_id, kind, delay, str(exc)
             )
             return False, None
         self.client.hdel(state_key, f"fail:{kind}")
+        self.counters.upload(SINK, kind, "ok")
         return True, result
 
 
 RETRY_SOONER = frozenset({"ckpt"})
 
 
-# KEYS: pending hash (seq, data, recorded_at), state hash. ARGV: seq, data, kind.
+# KEYS: pending hash (seq, data, recorded_at, ts), state hash. ARGV: seq, data, kind, event ts.
 # Keeps the newest. 'seq' stays after an upload removes 'data', so a redelivered older
 # entry is ignored; a replaced entry that was never uploaded counts as superseded.
 SET_IF_NEWER = """
@@ -283,7 +301,7 @@ if redis.call('HEXISTS', KEYS[1], 'data') == 1 then
   redis.call('HINCRBY', KEYS[2], ARGV[3] .. '_superseded', 1)
 end
 local t = redis.call('TIME')
-redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'data', ARGV[2], 'recorded_at', t[1] .. '.' .. t[2])
+redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'data', ARGV[2], 'recorded_at', t[1] .. '.' .. t[2], 'ts', ARGV[4])
 return 1
 """
 

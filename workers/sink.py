@@ -18,6 +18,7 @@ import redis
 
 from shared.events import Event
 from shared.keys import RUN_STATE_TTL_S, Keys
+from workers.telemetry import Counters
 
 log = logging.getLogger("trainbus.sink")
 
@@ -88,4 +89,5 @@ class RunState:
         fields = {"reason": reason, "sink": self.sink, "ts": repr(time.time())}
         fields.update({k: v if isinstance(v, (bytes, str)) else orjson.dumps(v) for k, v in context.items()})
         self.client.xadd(self.keys.dead_letters, fields, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+        Counters(self.client, self.keys).dead_lettered(self.sink)
         log.warning("dead letter (%s): %s", self.sink, reason)
