@@ -80,6 +80,11 @@ class Dispatcher:
                 time.sleep(delay)
                 attempt += 1
                 continue
+            except redis.ResponseError:  # a bug or a refusing Redis: keep going, entries stay pending
+                log.exception("dispatch round failed; retrying")
+                time.sleep(compute_backoff(attempt, base=0.5, cap=10.0))
+                attempt += 1
+                continue
             if burst and not moved:
                 break
         return self.stats

@@ -74,7 +74,9 @@ class HubSink:
         elif event.type in (EventType.CHECKPOINT, EventType.FINAL):
             kind = "final" if event.type == EventType.FINAL else "ckpt"
             self._set_if_newer(
-                keys=[k.pending(SINK, run, kind), state], args=[event.seq, orjson.dumps(p), kind], client=pipe
+                keys=[k.pending(SINK, run, kind), state],
+                args=[event.seq, orjson.dumps(p), kind, repr(event.ts)],
+                client=pipe,
             )
         elif event.type == EventType.RUN_END:
             pipe.hset(state, "ended", p.get("status") or "completed")
