@@ -14,7 +14,6 @@ Only what can still be uploaded is kept: the newest snapshot, the newest best, t
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
@@ -28,10 +27,11 @@ from typing import Any
 
 import orjson
 
+from shared.checksum import sha256_of
+
 log = logging.getLogger("trainbus.snapshot")
 
 ZIP_MAGIC = b"PK\x03\x04"
-HASH_CHUNK = 1 << 20
 
 
 class SnapshotError(Exception):
@@ -78,7 +78,7 @@ def take_snapshot(source: Path, expected: Stamp, dest: Path) -> dict[str, Any]:
         if size != before.size:
             raise SnapshotError(f"copied {size} bytes of {source}, expected {before.size}")
         _check_zip(tmp, source)
-        digest = _sha256(tmp)
+        digest = sha256_of(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -98,14 +98,6 @@ def _check_zip(copy: Path, source: Path) -> None:
         raise SnapshotError(f"{source} is not a complete zip (torn write?): {exc}") from None
     if bad is not None:
         raise SnapshotError(f"{source} member {bad!r} fails its CRC check (torn write?)")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Snapshotter:

@@ -68,6 +68,16 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture
+def hub() -> Iterator:
+    """The local HUB server as a process, knowing the model id the pipeline tests use."""
+    from tests.pipeline import MODEL_ID, HubServer
+
+    server = HubServer(MODEL_ID)
+    yield server
+    server.stop()
+
+
 def stream_events(client: redis.Redis, keys: Keys) -> list[dict]:
     """Every event on the stream, decoded, in stream order."""
     return [orjson.loads(fields[b"event"]) for _, fields in client.xrange(keys.events)]

@@ -16,22 +16,12 @@ import requests
 import torch
 
 from producers import Publisher
-from shared.keys import QUEUES
+from shared.keys import Keys
+from workers.rq_worker import worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "k" * 42
 MODEL_ID = "M" * 20
-WORKER_CLASS = {"hub": "workers.rq_worker.Worker", "clearml": "workers.rq_worker.SimpleWorker"}
-WORKER_FLAGS = [
-    "-S",
-    "rq.serializers.JSONSerializer",
-    "--worker-ttl",
-    "30",
-    "--maintenance-interval",
-    "5",
-    "--job-monitoring-interval",
-    "5",
-]
 
 
 class HubServer:
@@ -93,9 +83,7 @@ class Pipeline:
 
     def worker(self, sink: str = "hub") -> subprocess.Popen:
         """``rq worker`` for a sink's queue: forking for hub-uploads, SimpleWorker for clearml."""
-        queue = f"{self.namespace}.{QUEUES[sink]}"
-        flags = [*WORKER_FLAGS, "-w", WORKER_CLASS[sink]]
-        return self._start([sys.executable, "-m", "rq.cli", "worker", queue, "-u", self.redis_url, *flags])
+        return self._start(worker_command(Keys(self.namespace).queue(sink), sink, self.redis_url))
 
     def cli(self, *args: str, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run(

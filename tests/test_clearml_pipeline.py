@@ -19,16 +19,9 @@ import torch
 from producers import Publisher
 from tests.clearml_server import ACCESS_KEY, SECRET_KEY
 from tests.helpers import wait_for
-from tests.pipeline import MODEL_ID, ROOT, HubServer, Pipeline
+from tests.pipeline import MODEL_ID, ROOT, Pipeline
 
 EPOCHS = 5
-
-
-@pytest.fixture
-def hub():
-    server = HubServer(MODEL_ID)
-    yield server
-    server.stop()
 
 
 @pytest.fixture

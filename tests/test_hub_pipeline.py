@@ -18,16 +18,9 @@ from producers import Publisher
 from tests import pipeline as tests_pipeline
 from tests.conftest import stream_events
 from tests.helpers import wait_for
-from tests.pipeline import MODEL_ID, HubServer, Pipeline, gaps, metrics_by_epoch, train
+from tests.pipeline import MODEL_ID, Pipeline, gaps, metrics_by_epoch, train
 
 JITTER_S = 0.03  # server-side arrival times wobble a little around the client's send times
-
-
-@pytest.fixture
-def hub():
-    server = HubServer(MODEL_ID)
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -31,20 +31,10 @@ from shared.keys import Keys
 from shared.settings import redact_url
 from workers.embedded_redis import RedisServer
 from workers.local_hub import Fault, LocalHub
+from workers.rq_worker import worker_command
 
 DEMO_API_KEY = "d" * 42
 DEMO_MODEL = "DemoModel00000000000"  # 20 characters, as HUB model ids are
-WORKER_FLAGS = [
-    "-S",
-    "rq.serializers.JSONSerializer",
-    "--worker-ttl",
-    "30",
-    "--maintenance-interval",
-    "5",
-    "--job-monitoring-interval",
-    "5",
-]
-WORKER_CLASS = {"hub": "workers.rq_worker.Worker", "clearml": "workers.rq_worker.SimpleWorker"}
 
 
 @dataclass
@@ -164,21 +154,7 @@ def start_stack(stack: Stack, args: argparse.Namespace) -> None:
     keys = Keys(stack.namespace)
     commands = {
         "dispatcher": [sys.executable, "-m", "workers.cli", "dispatch"],
-        **{
-            f"worker-{sink}": [
-                sys.executable,
-                "-m",
-                "rq.cli",
-                "worker",
-                keys.queue(sink),
-                "-u",
-                stack.redis_url,
-                "-w",
-                WORKER_CLASS[sink],
-                *WORKER_FLAGS,
-            ]
-            for sink in ("hub", "clearml")
-        },
+        **{f"worker-{sink}": worker_command(keys.queue(sink), sink, stack.redis_url) for sink in ("hub", "clearml")},
     }
     for name, command in commands.items():
         with open(logs / f"{name}.log", "wb") as log:

@@ -6,11 +6,10 @@ resolving symlinks and ``..``, whatever the event says.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
-CHUNK = 1 << 20
+from shared.checksum import sha256_of
 
 
 class FileRefused(Exception):
@@ -32,14 +31,6 @@ def allowed_path(path: str | Path, roots: Iterable[Path]) -> Path:
     if not resolved.is_file():
         raise FileRefused(f"{path} is not a regular file")
     return resolved
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verified_checkpoint(path: str | Path, sha256: str, roots: Iterable[Path]) -> Path:

@@ -9,6 +9,7 @@ for Redis to answer again and re-enters the loop. (Jobs are JSON: with
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
@@ -63,6 +64,26 @@ class Worker(OutlivesRedisRestarts, rq.Worker):
 class SimpleWorker(OutlivesRedisRestarts, rq.SimpleWorker):
     """The non-forking worker, for ``clearml``: ClearML tasks and the SDK's queues live in the
     worker process between jobs (a forked horse would lose what the SDK had not sent)."""
+
+
+WORKER_CLASS = {"hub": "workers.rq_worker.Worker", "clearml": "workers.rq_worker.SimpleWorker"}
+# A SIGKILLed job is found abandoned only by another worker's maintenance pass; these make it
+# minutes sooner than RQ's defaults (the dispatcher's sweep redoes the work sooner still).
+WORKER_FLAGS = (
+    "-S",
+    "rq.serializers.JSONSerializer",
+    "--worker-ttl",
+    "30",
+    "--maintenance-interval",
+    "5",
+    "--job-monitoring-interval",
+    "5",
+)
+
+
+def worker_command(queue: str, sink: str, redis_url: str) -> list[str]:
+    """The documented ``rq worker`` command for a sink's queue (as in docker-compose.yml)."""
+    return [sys.executable, "-m", "rq.cli", "worker", queue, "-u", redis_url, "-w", WORKER_CLASS[sink], *WORKER_FLAGS]
 
 
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
