@@ -46,6 +46,7 @@ def test_the_stack_has_what_it_needs():
     for name, service in services.items():
         assert service.get("restart") == ("no" if name == "demo" else "unless-stopped"), name
     for name in ("dispatcher", "hub-uploads", "clearml"):
+        assert services[name]["healthcheck"]["test"] == ["CMD", "trainbus", "status", "--json"]
         assert "run-data:/data" in services[name]["volumes"], "workers read run files from the shared volume"
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
         assert services[name]["env_file"] == [{"path": ".env", "required": False}]
