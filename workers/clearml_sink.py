@@ -37,7 +37,7 @@ from shared.backoff import compute_backoff
 from shared.events import Event, EventType
 from shared.keys import LIVENESS_TTL_S, Keys
 from shared.settings import WorkerSettings
-from workers.files import FileRefused, allowed_path, verified_checkpoint
+from workers.files import FileRefused, allowed_dir, allowed_path, verified_checkpoint
 from workers.sink import RunState
 from workers.telemetry import Counters
 
@@ -308,7 +308,7 @@ class ClearmlSink:
             candidates += [base / n for n in media.get("names") or []]
             if media.get("pattern"):
                 try:
-                    base = allowed_path_dir(base, self.settings.file_roots)
+                    base = allowed_dir(base, self.settings.file_roots)
                     candidates += sorted(base.glob(media["pattern"]))
                 except FileRefused as exc:
                     self.runs.dead_letter(f"{media['title']}: {exc}", run_id=run_id)
@@ -370,13 +370,6 @@ class ClearmlSink:
             self.process.tasks.pop(run_id, None)
         self.runs.finish(run_id, KINDS)
         return None
-
-
-def allowed_path_dir(directory: Path, roots: Any) -> Path:
-    resolved = directory.resolve()
-    if not any(resolved.is_relative_to(root) for root in roots):
-        raise FileRefused(f"{directory} is outside TRAINBUS_FILE_ROOTS; add it there")
-    return resolved
 
 
 def _numbers(values: Any) -> list[tuple[str, float]]:

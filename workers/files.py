@@ -16,6 +16,13 @@ class FileRefused(Exception):
     """The file cannot be used; the message says why (outside the roots, missing, changed)."""
 
 
+def allowed_dir(directory: str | Path, roots: Iterable[Path]) -> Path:
+    """``directory`` resolved, if it is below one of ``roots`` (to glob in it)."""
+    resolved = Path(directory).resolve()
+    _check_under(directory, resolved, tuple(roots))
+    return resolved
+
+
 def allowed_path(path: str | Path, roots: Iterable[Path]) -> Path:
     """``path`` resolved, if it is a regular file below one of ``roots``."""
     roots = tuple(roots)
@@ -25,12 +32,16 @@ def allowed_path(path: str | Path, roots: Iterable[Path]) -> Path:
         raise FileRefused(f"{path} does not exist") from None
     except (OSError, RuntimeError) as exc:
         raise FileRefused(f"{path} cannot be resolved: {exc}") from None
-    if not any(resolved.is_relative_to(root) for root in roots):
-        shown = ", ".join(str(r) for r in roots)
-        raise FileRefused(f"{path} is outside TRAINBUS_FILE_ROOTS ({shown}); add its directory there")
+    _check_under(path, resolved, roots)
     if not resolved.is_file():
         raise FileRefused(f"{path} is not a regular file")
     return resolved
+
+
+def _check_under(given: str | Path, resolved: Path, roots: tuple[Path, ...]) -> None:
+    if not any(resolved.is_relative_to(root) for root in roots):
+        shown = ", ".join(str(r) for r in roots)
+        raise FileRefused(f"{given} is outside TRAINBUS_FILE_ROOTS ({shown}); add its directory there")
 
 
 def verified_checkpoint(path: str | Path, sha256: str, roots: Iterable[Path]) -> Path:
