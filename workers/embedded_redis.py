@@ -69,6 +69,8 @@ class RedisServer:
             try:
                 client.ping()
                 return self
+            except redis.AuthenticationError:
+                return self  # it answers; this server wants a password (tests of ACL users)
             except redis.ConnectionError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise RuntimeError(f"redis-server did not start on port {self.port}") from None

@@ -1,0 +1,84 @@
+"""Redis with a password and an ACL user, end to end; and pickled jobs are never unpickled."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+
+import redis
+from rq import Queue
+
+from producers import Publisher
+from tests.helpers import wait_for
+from tests.pipeline import MODEL_ID, ROOT, Pipeline, metrics_by_epoch, train
+from workers.embedded_redis import RedisServer
+from workers.rq_worker import worker_command
+
+USER, PASSWORD = "trainbus", "s3cret-acl-password"
+
+
+def test_an_acl_user_with_a_password_works_end_to_end_and_is_never_logged(tmp_path, namespace, hub, spool_dir):
+    server = RedisServer(
+        tmp_path / "acl-redis",
+        None,
+        "--requirepass",
+        "admin-password-1",
+        "--user",
+        "default",
+        "off",
+        "--user",
+        USER,
+        "on",
+        f">{PASSWORD}",
+        "~*",
+        "&*",
+        "+@all",
+    )
+    server.start()
+    url = f"redis://{USER}:{PASSWORD}@127.0.0.1:{server.port}/0"
+    try:
+        assert redis.Redis.from_url(url).ping()
+        p = Pipeline(url, namespace, hub, spool_dir)
+        p.dispatcher()
+        p.worker()
+        with Publisher(
+            redis_url=url, namespace=namespace, spool_dir=spool_dir, run_id="acl", hub_model=MODEL_ID
+        ) as bus:
+            sent = train(bus, tmp_path / "acl", epochs=3)
+        wait_for(lambda: sorted(metrics_by_epoch(hub, MODEL_ID)) == [0, 1, 2], timeout=60)
+        assert {e: v for e, v in metrics_by_epoch(hub, MODEL_ID).items()} == {e: [sent[e]] for e in range(3)}
+        p.stop()
+        logs = b"".join(path.read_bytes() for path in spool_dir.glob("proc-*.log"))
+        assert PASSWORD.encode() not in logs
+    finally:
+        server.stop()
+
+
+class Boom:
+    """A pickle that, if ever unpickled, writes a file: the worker must never do that."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickled_job_is_refused_not_unpickled(redis_url, namespace, keys, tmp_path):
+    marker = tmp_path / "unpickled"
+    client = redis.Redis.from_url(redis_url)
+    queue = Queue(keys.queue("hub"), connection=client)  # RQ's default serializer: pickle
+    job = queue.enqueue(print, Boom(str(marker)))
+    assert pickle.loads(pickle.dumps(Boom(str(tmp_path / "control")))) is not None  # the payload does work
+    (tmp_path / "control").unlink()
+    worker = subprocess.run(
+        [*worker_command(keys.queue("hub"), "hub", redis_url), "--burst"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert worker.returncode == 0, worker.stderr
+    assert not marker.exists(), "the worker unpickled a job"
+    assert "DeserializationError" in worker.stderr, "refused, with the reason in the log"
+    assert client.hget(f"rq:job:{job.id}", "status") == b"failed"
