@@ -82,3 +82,4 @@ def test_a_pickled_job_is_refused_not_unpickled(redis_url, namespace, keys, tmp_
     assert not marker.exists(), "the worker unpickled a job"
     assert "DeserializationError" in worker.stderr, "refused, with the reason in the log"
     assert client.hget(f"rq:job:{job.id}", "status") == b"failed"
+    job.delete()  # other tests read every job in Redis as JSON
