@@ -36,17 +36,23 @@ def workdir(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture
-def pipeline(redis_url, namespace, hub, spool_dir, cache_dir, workdir):
-    p = Pipeline(
+def clearml_pipeline(redis_url, namespace, hub, spool_dir, workdir, **env) -> Pipeline:
+    """Dispatcher and workers feeding both sinks, allowed to read the spool and the runs."""
+    return Pipeline(
         redis_url,
         namespace,
         hub,
         spool_dir,
         TRAINBUS_SINKS="hub,clearml",
-        CLEARML_OFFLINE_MODE="1",
-        CLEARML_CACHE_DIR=cache_dir,
         TRAINBUS_FILE_ROOTS=f"{spool_dir}:{workdir}",
+        **env,
+    )
+
+
+@pytest.fixture
+def pipeline(redis_url, namespace, hub, spool_dir, cache_dir, workdir):
+    p = clearml_pipeline(
+        redis_url, namespace, hub, spool_dir, workdir, CLEARML_OFFLINE_MODE="1", CLEARML_CACHE_DIR=cache_dir
     )
     yield p
     p.stop()
@@ -233,16 +239,7 @@ def clearml():
 
 @pytest.fixture
 def online(redis_url, namespace, hub, spool_dir, workdir, clearml):
-    p = Pipeline(
-        redis_url,
-        namespace,
-        hub,
-        spool_dir,
-        TRAINBUS_SINKS="hub,clearml",
-        TRAINBUS_CLEARML_TIMEOUT_S=3,
-        TRAINBUS_FILE_ROOTS=f"{spool_dir}:{workdir}",
-        **clearml.env(),
-    )
+    p = clearml_pipeline(redis_url, namespace, hub, spool_dir, workdir, TRAINBUS_CLEARML_TIMEOUT_S=3, **clearml.env())
     yield p
     p.stop()
 

@@ -39,7 +39,6 @@ from shared.keys import LIVENESS_TTL_S, Keys
 from shared.settings import WorkerSettings
 from workers.files import FileRefused, allowed_dir, allowed_path, verified_checkpoint
 from workers.sink import RunState
-from workers.telemetry import Counters
 
 log = logging.getLogger("trainbus.clearml")
 
@@ -108,7 +107,6 @@ class ClearmlSink:
         self.settings = settings
         self.runs = RunState(client, keys, SINK)
         self.process = _PROCESS
-        self.counters = Counters(client, keys)
 
     def _call(self, fn: Callable[[], T], what: str) -> T:
         return call_with_timeout(fn, self.settings.clearml_timeout_s, what)
@@ -131,7 +129,7 @@ class ClearmlSink:
             attempt = self.client.hincrby(state_key, "fail", 1)
             delay = compute_backoff(attempt - 1, base=1.0, cap=120.0)
             self.client.hincrby(state_key, "retries", 1)
-            self.counters.upload(SINK, "events", "retry")
+            self.runs.counters.upload(SINK, "events", "retry")
             log.warning("upload sink=clearml run=%s outcome=retry delay=%.1f error=%r", run_id, delay, str(exc))
             return delay
         self.client.hdel(state_key, "fail")
@@ -349,7 +347,7 @@ class ClearmlSink:
         pipe.hincrby(self.keys.state(SINK, run_id), "reported", len(inflight))
         pipe.zremrangebyscore(self.keys.pending(SINK, run_id, "events"), "-inf", top)
         pipe.execute()
-        self.counters.upload(SINK, "events", "ok", len(inflight))
+        self.runs.counters.upload(SINK, "events", "ok", len(inflight))
         inflight.clear()
         return 0.0 if self.client.zcard(self.keys.pending(SINK, run_id, "events")) else None
 

@@ -29,7 +29,6 @@ from workers.files import FileRefused, verified_checkpoint
 from workers.hub_client import HubClient, HubError
 from workers.rate_limit import RateLimiter
 from workers.sink import RunState
-from workers.telemetry import Counters
 
 log = logging.getLogger("trainbus.hub")
 
@@ -53,7 +52,6 @@ class HubSink:
         self.hub = hub or HubClient(settings.hub_api_url, settings.hub_api_key, settings.hub_timeout_s)
         self.runs = RunState(client, keys, SINK)
         self.limits = RateLimiter(client)
-        self.counters = Counters(client, keys)
         self._set_if_newer = client.register_script(SET_IF_NEWER)
 
     # -- dispatcher side -----------------------------------------------------------------
@@ -153,7 +151,7 @@ class HubSink:
         ts_key = self.keys.pending(SINK, run_id, "metrics_ts")
         for ts in self.client.hmget(ts_key, list(pending)):
             if ts is not None:
-                self.counters.latency(SINK, "metrics", time.time() - float(ts))
+                self.runs.counters.latency(SINK, "metrics", time.time() - float(ts))
         self.client.hdel(ts_key, *pending)
         pipe = self.client.pipeline(transaction=False)
         pipe.hincrby(state_key, "metrics_requests", 1)
@@ -241,7 +239,7 @@ class HubSink:
     def _observe_latency(self, pending_key: str, kind: str) -> None:
         ts = self.client.hget(pending_key, "ts")
         if ts:
-            self.counters.latency(SINK, kind, time.time() - float(ts))
+            self.runs.counters.latency(SINK, kind, time.time() - float(ts))
 
     def _verified(self, run_id: str, payload: dict[str, Any]) -> Path | None:
         """The checkpoint file to upload, or None (dead-lettered) when it cannot be used."""
@@ -268,7 +266,7 @@ class HubSink:
             if not exc.retryable:
                 reason = f"run {run_id}: {exc}"
                 log.error("upload sink=hub run=%s kind=%s outcome=failed error=%r", run_id, kind, str(exc))
-                self.counters.upload(SINK, kind, "failed")
+                self.runs.counters.upload(SINK, kind, "failed")
                 self.client.set(self.keys.blocked(SINK, run_id), reason)
                 raise HubUploadFailed(reason) from None
             attempt = self.client.hincrby(state_key, f"fail:{kind}", 1)
@@ -278,13 +276,13 @@ class HubSink:
             else:
                 self.limits.push_back(state_key, kind, time.time() + delay)
             self.client.hincrby(state_key, "retries", 1)
-            self.counters.upload(SINK, kind, "retry")
+            self.runs.counters.upload(SINK, kind, "retry")
             log.warning(
                 "upload sink=hub run=%s kind=%s outcome=retry delay=%.1f error=%r", run_id, kind, delay, str(exc)
             )
             return False, None
         self.client.hdel(state_key, f"fail:{kind}")
-        self.counters.upload(SINK, kind, "ok")
+        self.runs.counters.upload(SINK, kind, "ok")
         return True, result
 
 

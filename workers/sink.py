@@ -52,6 +52,7 @@ class RunState:
         self.keys = keys
         self.sink = sink
         self._hdel_if_same = client.register_script(HDEL_IF_SAME)
+        self.counters = Counters(client, keys)
 
     def mark_seen(self, pipe: redis.client.Pipeline, event: Event) -> None:
         pipe.setbit(self.keys.seen(self.sink, event.run_id), event.seq, 1)
@@ -89,5 +90,5 @@ class RunState:
         fields = {"reason": reason, "sink": self.sink, "ts": repr(time.time())}
         fields.update({k: v if isinstance(v, (bytes, str)) else orjson.dumps(v) for k, v in context.items()})
         self.client.xadd(self.keys.dead_letters, fields, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
-        Counters(self.client, self.keys).dead_lettered(self.sink)
+        self.counters.dead_lettered(self.sink)
         log.warning("dead letter (%s): %s", self.sink, reason)
