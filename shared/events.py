@@ -25,6 +25,7 @@ from shared.errors import InvalidEvent
 SCHEMA_VERSION = 1
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # also valid inside RQ job ids
 MAX_EVENT_BYTES = 1 << 20  # an event is a small record; files travel as paths
+MAX_SEQ = (1 << 32) - 1  # sinks keep a bitmap of seen seqs; Redis bit offsets stop here
 
 
 class EventType(str, Enum):
@@ -55,6 +56,29 @@ KEPT_WHEN_FULL = frozenset(
         EventType.SPOOL_OVERFLOW,
     }
 )
+
+NUMBER = (int, float)
+# The payload fields the sinks read, by event type, and what each must be when present and
+# not null. Anything else in a payload is carried along unread. A field of the wrong type
+# would fail inside a sink, so decode_event refuses it up front with the field's name.
+PAYLOAD_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "session": {"args": dict, "name": str, "project": str, "hub_model_id": str},
+    "train_epoch": {"epoch": int, "metrics": dict, "lr": dict},
+    "fit_epoch": {"epoch": int, "metrics": dict, "model_info": dict, "epoch_time": NUMBER, "final_eval": bool},
+    "checkpoint": {"epoch": int, "is_best": bool, "checkpoint": dict},
+    "media": {"kind": str, "title": str, "paths": list, "dir": str, "pattern": str, "names": list, "iteration": int},
+    "final": {"epoch": int, "metrics": dict, "map50_95": NUMBER, "checkpoint": dict},
+    "run_end": {"status": str, "error": str},
+}
+CHECKPOINT_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "source": str,
+    "label": str,
+    "stamp": dict,
+    "error": str,
+    "path": str,  # the snapshot, added by the flusher with its sha256 and size
+    "sha256": str,
+    "size": int,
+}
 
 
 @dataclass(slots=True)
@@ -104,17 +128,33 @@ def decode_event(data: bytes | str) -> Event:
     if not RUN_ID_PATTERN.match(run_id):
         raise InvalidEvent(f"run_id {run_id[:80]!r} must be 1-64 letters, digits, '_' or '-'")
     seq = _field(obj, "seq", int)
-    if isinstance(seq, bool) or seq < 0:
-        raise InvalidEvent(f"seq must be a non-negative integer, got {seq!r}")
+    if isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
+        raise InvalidEvent(f"seq must be an integer from 0 to {MAX_SEQ}, got {str(seq)[:40]}")
     ts = _field(obj, "ts", (int, float))
     kind = _field(obj, "type", str)
     if kind not in TYPES:
         raise InvalidEvent(f"unknown event type {kind[:80]!r}")
     payload = _field(obj, "payload", dict)
+    _check_fields(payload, PAYLOAD_FIELDS.get(kind, {}), f"{kind} payload")
+    if isinstance(payload.get("checkpoint"), dict):
+        _check_fields(payload["checkpoint"], CHECKPOINT_FIELDS, f"{kind} payload's checkpoint")
+    for name in ("paths", "names"):
+        if kind == "media" and not all(isinstance(p, str) for p in payload.get(name) or []):
+            raise InvalidEvent(f"media payload: {name!r} must be a list of strings")
     nulls = obj.get("nulls", [])
     if not isinstance(nulls, list):
         raise InvalidEvent("'nulls' must be a list of payload paths")
     return Event(run_id=run_id, seq=seq, ts=float(ts), type=kind, payload=payload, nulls=nulls)
+
+
+def _check_fields(obj: dict[str, Any], fields: dict[str, type | tuple[type, ...]], where: str) -> None:
+    for name, kind in fields.items():
+        value = obj.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise InvalidEvent(f"{where}: {name!r} must be {expected}, got {type(value).__name__}")
 
 
 def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:

@@ -60,7 +60,7 @@ def at_path(obj, path):
 @settings(max_examples=300, deadline=None)
 @given(payload=st.dictionaries(keys_, trees, max_size=6))
 def test_any_payload_encodes_to_strict_json_with_nulls_listed(payload):
-    data = encode_event("run-1", 3, 1.5, "fit_epoch", payload)
+    data = encode_event("run-1", 3, 1.5, "val_end", payload)  # a type whose payload has no required shape
     event = strict_loads(data)
     expected = sorted(non_finite_paths(payload))
     assert sorted(event.get("nulls", [])) == expected
@@ -141,7 +141,14 @@ def ev(**fields) -> bytes:
         (ev(seq="7"), "field 'seq' must be int"),
         (ev(run_id="a b"), "run_id 'a b'"),
         (ev(type="boom"), "unknown event type 'boom'"),
-        (ev(seq=-1), "non-negative"),
+        (ev(seq=-1), "integer from 0 to 4294967295"),
+        (ev(seq=2**32), "integer from 0 to 4294967295"),
+        (ev(type="fit_epoch", payload={"epoch": "3"}), "fit_epoch payload: 'epoch' must be int, got str"),
+        (ev(type="fit_epoch", payload={"epoch": True}), "'epoch' must be int, got bool"),
+        (ev(type="train_epoch", payload={"metrics": [1]}), "'metrics' must be dict"),
+        (ev(type="final", payload={"checkpoint": {"path": 7}}), "checkpoint: 'path' must be str"),
+        (ev(type="media", payload={"paths": ["a", 1]}), "'paths' must be a list of strings"),
+        (ev(type="session", payload={"hub_model_id": {"x": 1}}), "'hub_model_id' must be str"),
         (ev(payload=[]), "field 'payload' must be dict"),
         (ev(nulls="x"), "'nulls' must be a list"),
         (b"{" + b'"a":"' + b"x" * (2 << 20) + b'"}', "more than"),
