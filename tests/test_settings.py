@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from shared.errors import SettingsError
 from shared.hub_model import parse_hub_model
-from shared.settings import Settings, redact_url
+from shared.settings import Settings, WorkerSettings, redact_url
+from workers.rq_worker import worker_command
 
+ROOT = Path(__file__).resolve().parents[1]
 KEY = "k" * 42
 MODEL = "AbCdEfGhIjKlMnOpQrSt"
 
@@ -59,6 +64,37 @@ def test_bad_values_name_the_variable(variable, value, message):
         Settings.from_env({variable: value})
     assert err.value.variable == variable
     assert str(err.value).startswith(f"{variable}: ") and message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("TRAINBUS_RATE_METRICS", "0", "must be > 0"),
+        ("TRAINBUS_RATE_CKPT", "-5", "must be > 0"),
+        ("TRAINBUS_RATE_HEARTBEAT", "every minute", "not a number of seconds"),
+        ("TRAINBUS_HUB_TIMEOUT_S", "0", "must be > 0"),
+        ("TRAINBUS_HUB_API_URL", "api.ultralytics.com", "http(s) URL with a host"),
+        ("TRAINBUS_HUB_API_URL", "ftp://x", "http(s) URL with a host"),
+        ("TRAINBUS_SINKS", "hub,wandb", "wandb"),
+        ("TRAINBUS_REDIS_URL", "redis://u:hunter2secret@:6379/0", "no host"),
+    ],
+)
+def test_bad_worker_values_name_the_variable(variable, value, message):
+    with pytest.raises(SettingsError) as err:
+        WorkerSettings.from_env({variable: value})
+    assert err.value.variable == variable and message in str(err.value)
+    assert "hunter2secret" not in str(err.value)
+
+
+def test_workers_and_dispatchers_refuse_to_start_on_a_bad_setting(redis_url):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRAINBUS_RATE_CKPT": "-1", "TRAINBUS_NAMESPACE": "test-bad-setting"}
+    for command in (
+        worker_command("test-bad-setting.hub-uploads", "hub", redis_url),
+        [sys.executable, "-m", "workers.cli", "dispatch"],
+    ):
+        out = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out.stderr
+        assert "TRAINBUS_RATE_CKPT: -1.0: must be > 0" in out.stderr
 
 
 def test_a_bad_hub_identifier_never_echoes_the_key():

@@ -17,6 +17,8 @@ import redis
 import rq
 
 from shared.backoff import compute_backoff
+from shared.errors import SettingsError
+from shared.settings import WorkerSettings
 
 log = logging.getLogger("trainbus.worker")
 
@@ -30,6 +32,11 @@ class OutlivesRedisRestarts:
 
     def work(self, burst: bool = False, *args: Any, **kwargs: Any) -> bool:
         show_trainbus_logs()
+        try:
+            WorkerSettings.from_env()  # a bad setting stops the worker here, not every job later
+        except SettingsError as exc:
+            log.error("worker %s: bad setting %s", self.name, exc)
+            raise SystemExit(2) from None
         attempt = 0
         while True:
             try:
