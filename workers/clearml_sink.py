@@ -37,7 +37,7 @@ from shared.backoff import compute_backoff
 from shared.events import Event, EventType
 from shared.keys import LIVENESS_TTL_S, Keys
 from shared.settings import WorkerSettings
-from workers.files import FileRefused, allowed_dir, allowed_path, verified_checkpoint
+from workers.files import FileMissing, FileRefused, allowed_dir, allowed_path, verified_checkpoint
 from workers.sink import RunState
 
 log = logging.getLogger("trainbus.clearml")
@@ -278,7 +278,7 @@ class ClearmlSink:
                     media["done"].append(path.name)
             expired = time.time() - media["recorded"] >= MEDIA_WAIT_S
             if expired or _complete(media, found):
-                if not found:
+                if not found and not media.get("refused"):
                     self.runs.dead_letter(
                         f"{media['title']}: no file matching {_wanted(media)} appeared within {MEDIA_WAIT_S:.0f} s",
                         run_id=run_id,
@@ -309,15 +309,24 @@ class ClearmlSink:
                     base = allowed_dir(base, self.settings.file_roots)
                     candidates += sorted(base.glob(media["pattern"]))
                 except FileRefused as exc:
-                    self.runs.dead_letter(f"{media['title']}: {exc}", run_id=run_id)
+                    self._refuse(run_id, media, base, exc)
                     media["recorded"] = 0.0
         found = []
         for path in candidates:
+            if str(path) in media.get("refused", ()):
+                continue
             try:
                 found.append(allowed_path(path, self.settings.file_roots))
-            except FileRefused:
-                continue
+            except FileMissing:
+                continue  # not written yet: waited for until MEDIA_WAIT_S
+            except FileRefused as exc:
+                self._refuse(run_id, media, path, exc)
         return list(dict.fromkeys(found))
+
+    def _refuse(self, run_id: str, media: dict[str, Any], path: Path, exc: FileRefused) -> None:
+        """A file or directory that will never do (outside the roots, not a file): said once."""
+        self.runs.dead_letter(f"{media['title']}: {exc}", run_id=run_id)
+        media.setdefault("refused", []).append(str(path))
 
     def _report_file(self, task: Any, media: dict[str, Any], path: Path) -> None:
         logger = task.get_logger()
@@ -386,4 +395,4 @@ def _complete(media: dict[str, Any], found: list[Path]) -> bool:
     if media.get("pattern"):
         return False
     wanted = len(media.get("names") or []) + len(media.get("paths") or [])
-    return len(found) >= wanted > 0
+    return len(found) + len(media.get("refused") or []) >= wanted > 0

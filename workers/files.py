@@ -16,6 +16,10 @@ class FileRefused(Exception):
     """The file cannot be used; the message says why (outside the roots, missing, changed)."""
 
 
+class FileMissing(FileRefused):
+    """The file is not there (yet): a debug image may still be written, a checkpoint not."""
+
+
 def allowed_dir(directory: str | Path, roots: Iterable[Path]) -> Path:
     """``directory`` resolved, if it is below one of ``roots`` (to glob in it)."""
     resolved = Path(directory).resolve()
@@ -29,7 +33,7 @@ def allowed_path(path: str | Path, roots: Iterable[Path]) -> Path:
     try:
         resolved = Path(path).resolve(strict=True)
     except FileNotFoundError:
-        raise FileRefused(f"{path} does not exist") from None
+        raise FileMissing(f"{path} does not exist") from None
     except (OSError, RuntimeError) as exc:
         raise FileRefused(f"{path} cannot be resolved: {exc}") from None
     _check_under(path, resolved, roots)
