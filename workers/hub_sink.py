@@ -87,19 +87,18 @@ class HubSink:
         if state.get("final_done"):
             self.runs.finish(run_id, KINDS)
             return None
-        now = time.time()
         model_id = state["model_id"].decode() if state.get("model_id") else None
         if model_id is None:
             if not state.get("session"):
                 return 1.0  # the session event is not recorded yet
-            model_id = self._create_model(run_id, orjson.loads(state["session"]), now)
+            model_id = self._create_model(run_id, orjson.loads(state["session"]))
             if model_id is None:
-                return self.limits.wait(state_key, "create", time.time())
+                return self.limits.wait(state_key, "create")
         waits = [
-            self._heartbeat(run_id, model_id, state, now),
-            self._metrics(run_id, model_id, now),
-            self._checkpoint(run_id, model_id, now),
-            self._final(run_id, model_id, now),
+            self._heartbeat(run_id, model_id, state),
+            self._metrics(run_id, model_id),
+            self._checkpoint(run_id, model_id),
+            self._final(run_id, model_id),
         ]
         pending = [w for w in waits if w is not None]
         if not pending:
@@ -107,10 +106,10 @@ class HubSink:
             return None
         return max(0.0, min(pending))
 
-    def _create_model(self, run_id: str, session: dict[str, Any], now: float) -> str | None:
+    def _create_model(self, run_id: str, session: dict[str, Any]) -> str | None:
         """No model id came with the run: create one from its args, as the HUB session did."""
         state_key = self.keys.state(SINK, run_id)
-        if self.limits.wait(state_key, "create", now):
+        if self.limits.wait(state_key, "create"):
             return None
         ok, model_id = self._call(run_id, "create", self.hub.create_model, model_payload(session))
         if not ok:
@@ -119,34 +118,34 @@ class HubSink:
         log.info("upload sink=hub run=%s kind=create outcome=ok model=%s", run_id, model_id)
         return model_id
 
-    def _heartbeat(self, run_id: str, model_id: str, state: dict[str, bytes], now: float) -> float | None:
+    def _heartbeat(self, run_id: str, model_id: str, state: dict[str, bytes]) -> float | None:
         """Every rate_heartbeat seconds while the producer is alive and the run not ended."""
         if state.get("ended") or not self.client.exists(self.keys.alive(run_id)):
             return None
         state_key = self.keys.state(SINK, run_id)
-        wait = self.limits.reserve(state_key, "heartbeat", self.settings.rate_heartbeat, now)
+        wait = self.limits.reserve(state_key, "heartbeat", self.settings.rate_heartbeat)
         if wait:
             return wait
         agent = state.get("agent_id")
         ok, agent_id = self._call(run_id, "heartbeat", self.hub.heartbeat, model_id, agent.decode() if agent else None)
         if ok and agent_id:
             self.client.hset(state_key, "agent_id", agent_id)
-        return self.limits.wait(state_key, "heartbeat", time.time())
+        return self.limits.wait(state_key, "heartbeat")
 
-    def _metrics(self, run_id: str, model_id: str, now: float) -> float | None:
+    def _metrics(self, run_id: str, model_id: str) -> float | None:
         """All pending epochs in one request, at most one request per rate_metrics seconds."""
         key = self.keys.pending(SINK, run_id, "metrics")
         pending = {f.decode(): v for f, v in self.client.hgetall(key).items()}
         if not pending:
             return None
         state_key = self.keys.state(SINK, run_id)
-        wait = self.limits.reserve(state_key, "metrics", self.settings.rate_metrics, now)
+        wait = self.limits.reserve(state_key, "metrics", self.settings.rate_metrics)
         if wait:
             return wait
         epochs = {int(e): orjson.loads(v) for e, v in pending.items()}
         ok, _ = self._call(run_id, "metrics", self.hub.upload_metrics, model_id, epochs)
         if not ok:  # everything stays pending and goes out with the next request
-            return self.limits.wait(state_key, "metrics", time.time())
+            return self.limits.wait(state_key, "metrics")
         self.runs.remove_if_same(key, pending)  # a newer value that came meanwhile stays pending
         ts_key = self.keys.pending(SINK, run_id, "metrics_ts")
         for ts in self.client.hmget(ts_key, list(pending)):
@@ -158,16 +157,16 @@ class HubSink:
         pipe.hincrby(state_key, "metrics_epochs", len(epochs))
         pipe.execute()
         log.info("upload sink=hub run=%s kind=metrics outcome=ok epochs=%d", run_id, len(epochs))
-        return self.limits.wait(state_key, "metrics", time.time()) if self.client.hlen(key) else None
+        return self.limits.wait(state_key, "metrics") if self.client.hlen(key) else None
 
-    def _checkpoint(self, run_id: str, model_id: str, now: float) -> float | None:
+    def _checkpoint(self, run_id: str, model_id: str) -> float | None:
         """The newest pending checkpoint, at most one upload per rate_ckpt seconds."""
         key = self.keys.pending(SINK, run_id, "ckpt")
         pending = self.client.hmget(key, "data")[0]
         if pending is None:
             return None
         state_key = self.keys.state(SINK, run_id)
-        wait = self.limits.reserve(state_key, "ckpt", self.settings.rate_ckpt, now)
+        wait = self.limits.reserve(state_key, "ckpt", self.settings.rate_ckpt)
         if wait:
             return wait
         payload = orjson.loads(pending)
@@ -187,14 +186,14 @@ class HubSink:
                 is_best=bool(payload.get("is_best")),
             )
             if not ok:
-                return self.limits.wait(state_key, "ckpt", time.time())
+                return self.limits.wait(state_key, "ckpt")
             self.client.hincrby(state_key, "ckpt_uploads", 1)
             self._observe_latency(key, "ckpt")
             log.info("upload sink=hub run=%s kind=ckpt outcome=ok epoch=%s", run_id, payload["epoch"])
         self.runs.remove_if_same(key, {"data": pending})
         return None
 
-    def _final(self, run_id: str, model_id: str, now: float) -> float | None:
+    def _final(self, run_id: str, model_id: str) -> float | None:
         """Not rate limited, but after every pending metric and every earlier event."""
         key = self.keys.pending(SINK, run_id, "final")
         seq, pending, recorded_at = self.client.hmget(key, "seq", "data", "recorded_at")
@@ -202,11 +201,12 @@ class HubSink:
             return None
         state_key = self.keys.state(SINK, run_id)
         if self.client.hlen(self.keys.pending(SINK, run_id, "metrics")):
-            return self.limits.wait(state_key, "metrics", now) or FINAL_RETRY_S
+            return self.limits.wait(state_key, "metrics") or FINAL_RETRY_S
+        now = time.time()
         waited = now - float(recorded_at or now)
         if not self.runs.contiguous_up_to(run_id, int(seq) - 1) and waited < FINAL_GAP_WAIT_S:
             return FINAL_RETRY_S
-        wait = self.limits.wait(state_key, "final", now)
+        wait = self.limits.wait(state_key, "final")
         if wait:
             return wait
         payload = orjson.loads(pending)
@@ -223,7 +223,7 @@ class HubSink:
                 map50_95=payload.get("map50_95"),
             )
             if not ok:
-                return self.limits.wait(state_key, "final", time.time())
+                return self.limits.wait(state_key, "final")
             log.info("upload sink=hub run=%s kind=final outcome=ok epoch=%s", run_id, payload["epoch"])
             self._observe_latency(key, "final")
         ckpt_key = self.keys.pending(SINK, run_id, "ckpt")
@@ -272,9 +272,9 @@ class HubSink:
             attempt = self.client.hincrby(state_key, f"fail:{kind}", 1)
             delay = max(compute_backoff(attempt - 1, base=1.0, cap=300.0), exc.retry_after or 0.0)
             if kind in RETRY_SOONER:  # a failed upload is not an upload: retry before the next slot
-                self.client.hset(state_key, f"next:{kind}", repr(time.time() + delay))
+                self.limits.retry_in(state_key, kind, delay)
             else:
-                self.limits.push_back(state_key, kind, time.time() + delay)
+                self.limits.push_back(state_key, kind, delay)
             self.client.hincrby(state_key, "retries", 1)
             self.runs.counters.upload(SINK, kind, "retry")
             log.warning(

@@ -1,54 +1,73 @@
 """Per-run, per-type rate limits that hold across any number of workers.
 
-A limit is "at most one request per ``interval`` seconds". Before a request, a worker
-reserves the slot with one atomic script: it succeeds only if the previous reservation is
-at least ``interval`` old, and records the new one. Two workers can never both get a slot,
-even if the per-run lock was lost; a failed request still used its slot. A server's
-Retry-After pushes the next slot further (``push_back``).
+A limit is "at most one request per ``interval`` seconds". Right before a request, a
+worker reserves the slot with one atomic script: it succeeds only if the previous
+reservation is at least ``interval`` old, and records the new one. Two workers can never
+both get a slot, even if the per-run lock was lost; a failed request still used its slot.
+A server's Retry-After or a backoff moves the next slot (``push_back``, ``retry_in``).
+
+Every time is Redis's own clock (``TIME``), read inside the scripts: workers on machines
+whose clocks disagree still space their requests correctly, and a slot is reserved at the
+moment of the request, not when the drain job started.
 """
 
 from __future__ import annotations
 
 import redis
 
-# KEYS: state hash. ARGV: field, now (s), interval (s). Returns 0 if reserved, else seconds to wait.
-RESERVE = """
-local next_at = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-local now = tonumber(ARGV[2])
+NOW = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
+NEXT = "local next_at = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')\n"
+
+# KEYS: state hash. ARGV: field, interval (s). Returns 0 if reserved, else seconds to wait.
+RESERVE = (
+    NOW
+    + NEXT
+    + """
 if now < next_at then
   return tostring(next_at - now)
 end
-redis.call('HSET', KEYS[1], ARGV[1], tostring(now + tonumber(ARGV[3])))
+redis.call('HSET', KEYS[1], ARGV[1], tostring(now + tonumber(ARGV[2])))
 return '0'
 """
+)
 
-# KEYS: state hash. ARGV: field, time (s). Moves the next slot to at least that time.
-PUSH_BACK = """
-local next_at = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if tonumber(ARGV[2]) > next_at then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+# KEYS: state hash. ARGV: field. Seconds until the next slot (0 if it is free).
+WAIT = NOW + NEXT + "return tostring(math.max(0, next_at - now))\n"
+
+# KEYS: state hash. ARGV: field, delay (s), '1' to also move the slot earlier. Sets it to now + delay.
+MOVE = (
+    NOW
+    + NEXT
+    + """
+local at = now + tonumber(ARGV[2])
+if at > next_at or ARGV[3] == '1' then
+  redis.call('HSET', KEYS[1], ARGV[1], tostring(at))
 end
 return 1
 """
+)
 
 
 class RateLimiter:
-    """Slots stored as ``next:<kind>`` fields (unix seconds) in a run's state hash."""
+    """Slots stored as ``next:<kind>`` fields (unix seconds, Redis's clock) in a run's state hash."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._reserve = client.register_script(RESERVE)
-        self._push_back = client.register_script(PUSH_BACK)
-        self._client = client
+        self._wait = client.register_script(WAIT)
+        self._move = client.register_script(MOVE)
 
-    def reserve(self, state_key: str, kind: str, interval: float, now: float) -> float:
+    def reserve(self, state_key: str, kind: str, interval: float) -> float:
         """0.0 if the slot is now ours, else the seconds until the next one."""
-        return float(self._reserve(keys=[state_key], args=[f"next:{kind}", repr(now), repr(interval)]))
+        return float(self._reserve(keys=[state_key], args=[f"next:{kind}", repr(interval)]))
 
-    def wait(self, state_key: str, kind: str, now: float) -> float:
+    def wait(self, state_key: str, kind: str) -> float:
         """Seconds until the next slot, without taking it."""
-        next_at = self._client.hget(state_key, f"next:{kind}")
-        return max(0.0, float(next_at or 0) - now)
+        return float(self._wait(keys=[state_key], args=[f"next:{kind}"]))
 
-    def push_back(self, state_key: str, kind: str, until: float) -> None:
-        """No slot before ``until`` (unix seconds): Retry-After and backoff use this."""
-        self._push_back(keys=[state_key], args=[f"next:{kind}", repr(until)])
+    def push_back(self, state_key: str, kind: str, delay: float) -> None:
+        """No slot for ``delay`` seconds from now (Retry-After, backoff); never earlier than it was."""
+        self._move(keys=[state_key], args=[f"next:{kind}", repr(delay), "0"])
+
+    def retry_in(self, state_key: str, kind: str, delay: float) -> None:
+        """The next slot in ``delay`` seconds, even if that is sooner than the interval allowed."""
+        self._move(keys=[state_key], args=[f"next:{kind}", repr(delay), "1"])
