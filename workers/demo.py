@@ -409,7 +409,7 @@ def summarize(stack: Stack, report: TrainReport, delivered: bool) -> dict[str, A
         "epochs": report.epochs,
         "events": report.events,
         "hub_requests": by_type,
-        "hub_failed_requests": sum(1 for r in requests if r.get("status") != 200),
+        "hub_failed_requests": sum(1 for r in requests if r.get("status") not in (200, "pending")),
         "metrics_epochs_sent": int(hub_state.get("metrics_epochs", 0)),
         "metrics_requests": int(hub_state.get("metrics_requests", 0)),
         "checkpoints_uploaded": int(hub_state.get("ckpt_uploads", 0)),

@@ -9,7 +9,7 @@ get), records every request, and injects faults on request through ``/_control``
     POST /_control/faults   {"endpoint": "metrics", "status": 503, "count": 3}
                             {"endpoint": "upload", "status": 429, "retry_after": 2}
                             {"endpoint": "any", "delay": 2.5} / {"hang": 30} / {"reset": true}
-    GET  /_control/requests every recorded request, oldest first
+    GET  /_control/requests every request by arrival; status "pending" while it is answered
     POST /_control/models   {"id": "..."} registers a model id
     POST /_control/reset    forget requests and faults
 
@@ -91,6 +91,7 @@ class HubHandler(BaseHTTPRequestHandler):
         self._dispatch("POST")
 
     def _dispatch(self, method: str) -> None:
+        arrived = time.time()  # before the body: rate-limit checks compare when requests began
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         state = self.server.state
         if self.path.startswith("/_control/"):
@@ -100,17 +101,24 @@ class HubHandler(BaseHTTPRequestHandler):
             return self._reply(404, {"message": f"no route {method} {self.path}"})
         endpoint, model = routed
         record: dict[str, Any] = {
-            "ts": time.time(),
+            "ts": arrived,
             "method": method,
             "path": self.path,
             "endpoint": endpoint,
             "model": model,
+            "status": "pending",  # recorded on arrival: a test can see an upload in progress
         }
+        if endpoint == "upload":  # what was uploaded is known on arrival, whatever the answer
+            fields, files = parse_multipart(self.headers.get("Content-Type", ""), body)
+            record["fields"] = fields
+            record["files"] = {
+                name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()
+            }
+        self._record(record)
         fault = state.take_fault(endpoint)
         if fault is not None:
             if fault.reset:
                 record["status"] = "reset"
-                self._record(record)
                 self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 self.close_connection = True
                 self.request.close()
@@ -118,9 +126,9 @@ class HubHandler(BaseHTTPRequestHandler):
             time.sleep(fault.delay or fault.hang)
             if fault.status:
                 record["status"] = fault.status
-                self._record(record)
                 headers = {}
                 if fault.retry_after is not None:
+                    record["retry_after"] = fault.retry_after
                     headers = {
                         "Retry-After": f"{fault.retry_after:g}",
                         "X-RateLimit-Limit": "100",
@@ -130,11 +138,9 @@ class HubHandler(BaseHTTPRequestHandler):
                 return self._reply(fault.status, {"message": "injected fault"}, headers)
         if state.api_key and self.headers.get("x-api-key") != state.api_key:
             record["status"] = 401
-            self._record(record)
             return self._reply(401, {"message": "Invalid API key"})
         status, reply = self._serve(endpoint, record, body)
         record["status"] = status
-        self._record(record)
         return self._reply(status, reply)
 
     def _serve(self, endpoint: str, record: dict[str, Any], body: bytes) -> tuple[int, dict[str, Any]]:
@@ -158,11 +164,6 @@ class HubHandler(BaseHTTPRequestHandler):
             payload = orjson.loads(body)
             record["json"] = payload
             return 200, {"data": {"agentId": payload.get("agentId") or f"agent-{secrets.token_hex(4)}"}}
-        fields, files = parse_multipart(self.headers.get("Content-Type", ""), body)
-        record["fields"] = fields
-        record["files"] = {
-            name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()
-        }
         return 200, {"data": {}}
 
     def _control(self, method: str, body: bytes) -> None:
