@@ -17,6 +17,7 @@ import torch
 
 from producers import Publisher
 from shared.keys import Keys
+from tests.clearml_server import ACCESS_KEY, SECRET_KEY
 from workers.rq_worker import worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,35 @@ class HubServer:
             for r in got
             if (endpoint is None or r["endpoint"] == endpoint) and (status is None or r.get("status") == status)
         ]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class ClearmlServer:
+    """``python -m tests.clearml_server`` as a process."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.clearml_server"], stdout=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        self.url = self.proc.stdout.readline().rsplit(" ", 1)[-1].strip()
+
+    def state(self) -> dict:
+        return requests.get(f"{self.url}/_control/state", timeout=10).json()
+
+    def fault(self, **faults) -> None:
+        requests.post(f"{self.url}/_control/faults", json=faults, timeout=10).raise_for_status()
+
+    def env(self) -> dict[str, str]:
+        return {
+            "CLEARML_API_HOST": self.url,
+            "CLEARML_WEB_HOST": self.url,
+            "CLEARML_FILES_HOST": self.url,
+            "CLEARML_API_ACCESS_KEY": ACCESS_KEY,
+            "CLEARML_API_SECRET_KEY": SECRET_KEY,
+        }
 
     def stop(self) -> None:
         self.proc.terminate()

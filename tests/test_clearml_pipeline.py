@@ -7,19 +7,15 @@ later; its metrics.jsonl and task.json are checked event by event.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import requests
 import torch
 
 from producers import Publisher
-from tests.clearml_server import ACCESS_KEY, SECRET_KEY
 from tests.helpers import wait_for
-from tests.pipeline import MODEL_ID, ROOT, Pipeline
+from tests.pipeline import MODEL_ID, ClearmlServer, Pipeline
 
 EPOCHS = 5
 
@@ -199,35 +195,6 @@ def test_two_interleaved_runs_land_in_two_tasks_with_nothing_crossed(pipeline, s
             e["value"] for e in metrics_of(sessions(cache_dir)[name]) if e["type"] == "training_stats_scalar"
         )
         assert values == [100 * i + epoch for epoch in range(4)]
-
-
-class ClearmlServer:
-    """``python -m tests.clearml_server`` as a process."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.clearml_server"], stdout=subprocess.PIPE, text=True, cwd=ROOT
-        )
-        self.url = self.proc.stdout.readline().rsplit(" ", 1)[-1].strip()
-
-    def state(self) -> dict:
-        return requests.get(f"{self.url}/_control/state", timeout=10).json()
-
-    def fault(self, **faults) -> None:
-        requests.post(f"{self.url}/_control/faults", json=faults, timeout=10).raise_for_status()
-
-    def env(self) -> dict[str, str]:
-        return {
-            "CLEARML_API_HOST": self.url,
-            "CLEARML_WEB_HOST": self.url,
-            "CLEARML_FILES_HOST": self.url,
-            "CLEARML_API_ACCESS_KEY": ACCESS_KEY,
-            "CLEARML_API_SECRET_KEY": SECRET_KEY,
-        }
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
 
 
 @pytest.fixture
