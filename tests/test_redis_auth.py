@@ -1,17 +1,20 @@
-"""Redis with a password and an ACL user, end to end; and pickled jobs are never unpickled."""
+"""Redis with a password and an ACL user, and over TLS, end to end; pickled jobs are never unpickled."""
 
 from __future__ import annotations
 
 import pickle
+import shutil
 import subprocess
+from pathlib import Path
 
+import pytest
 import redis
 from rq import Queue
 
 from producers import Publisher
 from tests.helpers import wait_for
 from tests.pipeline import MODEL_ID, ROOT, Pipeline, metrics_by_epoch, train
-from workers.embedded_redis import RedisServer
+from workers.embedded_redis import RedisServer, free_port
 from workers.rq_worker import worker_command
 
 USER, PASSWORD = "trainbus", "s3cret-acl-password"
@@ -50,6 +53,91 @@ def test_an_acl_user_with_a_password_works_end_to_end_and_is_never_logged(tmp_pa
         p.stop()
         logs = b"".join(path.read_bytes() for path in spool_dir.glob("proc-*.log"))
         assert PASSWORD.encode() not in logs
+    finally:
+        server.stop()
+
+
+def make_certificates(directory: Path) -> None:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with openssl."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to make test certificates")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    directory.mkdir(parents=True)
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=ca",
+    )
+    (directory / "san").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=x")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "san",
+    )
+
+
+def test_rediss_with_a_verified_certificate_works_end_to_end(tmp_path, namespace, hub, spool_dir):
+    certs = tmp_path / "certs"
+    make_certificates(certs)
+    tls_port = free_port()
+    server = RedisServer(
+        tmp_path / "tls-redis",
+        None,
+        "--tls-port",
+        str(tls_port),
+        "--tls-cert-file",
+        str(certs / "server.crt"),
+        "--tls-key-file",
+        str(certs / "server.key"),
+        "--tls-ca-cert-file",
+        str(certs / "ca.crt"),
+        "--tls-auth-clients",
+        "no",
+    )
+    try:
+        server.start()
+    except RuntimeError:
+        pytest.skip("this redis-server was built without TLS")
+    url = f"rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=required&ssl_ca_certs={certs / 'ca.crt'}"
+    try:
+        p = Pipeline(url, namespace, hub, spool_dir)
+        p.dispatcher()
+        p.worker()
+        with Publisher(
+            redis_url=url, namespace=namespace, spool_dir=spool_dir, run_id="tls", hub_model=MODEL_ID
+        ) as bus:
+            sent = train(bus, tmp_path / "tls", epochs=2)
+        wait_for(lambda: sorted(metrics_by_epoch(hub, MODEL_ID)) == [0, 1], timeout=60)
+        assert {e: v for e, v in metrics_by_epoch(hub, MODEL_ID).items()} == {e: [sent[e]] for e in range(2)}
+        untrusted = p.cli("status", TRAINBUS_REDIS_URL=f"rediss://127.0.0.1:{tls_port}/0")
+        assert untrusted.returncode == 1 and "certificate verify failed" in untrusted.stderr
+        p.stop()
     finally:
         server.stop()
 
