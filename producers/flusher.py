@@ -29,7 +29,8 @@ log = logging.getLogger("trainbus.flusher")
 
 BATCH_RECORDS = 256
 SNAPSHOT_TYPES = frozenset({EventType.CHECKPOINT.value, EventType.FINAL.value})
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
+# Redis cannot take events now (down, restarting, or full under maxmemory): keep them, retry.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.OutOfMemoryError, OSError)
 
 # KEYS: stream, producer hash.  ARGV: ttl, then seq, event pairs in seq order.
 PUSH_SCRIPT = """
@@ -265,7 +266,7 @@ class Flusher:
             log.warning("run %s: Redis is reachable again; pushing the spool", self.pusher.run.run_id)
         elif not up and self._redis_up:
             log.warning(
-                "run %s: Redis unreachable (%s); events stay in the spool at %s",
+                "run %s: Redis cannot take events (%s); they stay in the spool at %s",
                 self.pusher.run.run_id,
                 exc,
                 self.pusher.run.dir,

@@ -80,6 +80,25 @@ def test_redis_outage_mid_run_is_survived_in_process(own_redis, namespace, spool
     assert epochs == list(range(150))
 
 
+def test_a_full_redis_refuses_events_they_wait_in_the_spool(own_redis, namespace, spool_dir, caplog):
+    own_redis.start()
+    client = redis.Redis.from_url(own_redis.url)
+    client.set("ballast", b"x" * (2 << 20))
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", "1mb")  # now over the limit: every write is refused
+    with pytest.raises(redis.OutOfMemoryError):
+        client.set("probe", 1)
+    bus = publisher(own_redis.url, namespace, spool_dir, run_id="full")
+    accepted = [bus.metrics(i, {"loss": i}) for i in range(50)]
+    assert all(seq is not None for seq in accepted), "hooks accept while Redis refuses"
+    wait_for(lambda: "Redis cannot take events (command not allowed when used memory" in caplog.text, timeout=10)
+    assert client.xlen(Keys(namespace).events) == 0
+    client.config_set("maxmemory", "0")  # the operator gives Redis room
+    bus.close(timeout=30)
+    seqs = [e["seq"] for e in stream_events(client, Keys(namespace))]
+    assert seqs == list(range(52)), "the session, every metrics event and the run_end, once, in order"
+
+
 def test_close_is_bounded_when_redis_is_unreachable(namespace, spool_dir):
     bus = publisher(UNREACHABLE, namespace, spool_dir, exit_flush_s=0.5)
     bus.metrics(0, {"loss": 1})
