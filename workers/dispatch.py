@@ -72,10 +72,13 @@ class Dispatcher:
                 self.ensure_groups()
                 moved = self.step(block_ms=0 if burst else BLOCK_MS)
                 attempt = 0
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.OutOfMemoryError) as exc:
                 delay = compute_backoff(attempt, base=0.5, cap=10.0)
                 log.warning(
-                    "Redis at %s unavailable (%s); retrying in %.1f s", redact_url(self.settings.redis_url), exc, delay
+                    "Redis at %s unavailable or full (%s); retrying in %.1f s",
+                    redact_url(self.settings.redis_url),
+                    exc,
+                    delay,
                 )
                 time.sleep(delay)
                 attempt += 1
