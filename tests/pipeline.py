@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -18,6 +19,7 @@ import torch
 from producers import Publisher
 from shared.keys import Keys
 from tests.clearml_server import ACCESS_KEY, SECRET_KEY
+from tests.helpers import children
 from workers.rq_worker import worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,15 +128,19 @@ class Pipeline:
         )
 
     def kill(self, proc: subprocess.Popen) -> None:
-        """SIGKILL a process and everything it forked (an RQ worker's work horse too)."""
+        """SIGKILL a process and everything it forked. RQ puts each work horse in a process
+        group of its own, so the horses are found by parent pid and killed first."""
+        os.killpg(proc.pid, signal.SIGSTOP)  # forks nothing more from here on
+        for child in children(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(child), signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                self.kill(proc)
 
     def _start(self, args: list[str]) -> subprocess.Popen:
         log = open(self.log_dir / f"proc-{len(self.procs)}.log", "wb")  # noqa: SIM115

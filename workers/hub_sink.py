@@ -101,7 +101,7 @@ class HubSink:
             self._final(run_id, model_id),
         ]
         pending = [w for w in waits if w is not None]
-        if not pending:
+        if not pending or self.client.hexists(state_key, "final_done"):  # the final went out just now
             self.runs.finish(run_id, KINDS)
             return None
         return max(0.0, min(pending))

@@ -20,6 +20,10 @@ from shared.backoff import compute_backoff
 from shared.errors import SettingsError
 from shared.settings import WorkerSettings
 
+# Imported in the worker so that each forked work horse has them already, instead of
+# importing them per job (about 40 ms: half the cost of a small upload).
+from workers import drain_job, hub_sink  # noqa: F401
+
 log = logging.getLogger("trainbus.worker")
 
 
@@ -29,6 +33,7 @@ class OutlivesRedisRestarts:
     connection: redis.Redis
     name: str
     _stop_requested: bool
+    _shutdown_requested_date: object | None  # set by RQ on SIGINT/SIGTERM, busy or idle
 
     def work(self, burst: bool = False, *args: Any, **kwargs: Any) -> bool:
         show_trainbus_logs()
@@ -44,7 +49,8 @@ class OutlivesRedisRestarts:
             except REDIS_DOWN as exc:  # raised by RQ's own clean-up when Redis is gone
                 log.warning("worker %s: Redis unavailable (%s)", self.name, exc)
                 worked = False
-            if burst or self._stop_requested or kwargs.get("max_jobs") or kwargs.get("max_idle_time"):
+            stopping = self._stop_requested or self._shutdown_requested_date is not None
+            if burst or stopping or kwargs.get("max_jobs") or kwargs.get("max_idle_time"):
                 return worked
             while not self._redis_answers():
                 delay = compute_backoff(attempt, base=0.5, cap=30.0)
