@@ -89,6 +89,7 @@ class _Tasks:
     def __init__(self) -> None:
         self.tasks: dict[str, Any] = {}
         self.inflight: dict[str, set[int]] = {}
+        self.flush_locks: dict[str, threading.Lock] = {}
 
 
 _PROCESS = _Tasks()
@@ -138,6 +139,7 @@ class ClearmlSink:
             return min(pending)
         if self._finished(run_id):
             self.process.tasks.pop(run_id, None)
+            self.process.flush_locks.pop(run_id, None)
             self.runs.finish(run_id, KINDS)
             return None
         return self._silence_wait(run_id)
@@ -349,7 +351,15 @@ class ClearmlSink:
         if not inflight or task is None:
             return None
         if not self.client.hget(self.keys.state(SINK, run_id), "ended"):
-            self._call(lambda: task.flush(wait_for_uploads=True), what="flush")
+            # A flush that timed out goes on in its thread; the next one waits for it rather
+            # than running beside it (two at once sent the same events twice).
+            lock = self.process.flush_locks.setdefault(run_id, threading.Lock())
+
+            def flush() -> None:
+                with lock:
+                    task.flush(wait_for_uploads=True)
+
+            self._call(flush, what="flush")
         top = max(inflight)
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(self.keys.state(SINK, run_id), "done_seq", top)
