@@ -202,6 +202,11 @@ class Flusher:
         """Called by the hook after an append: the cheapest possible hand-off."""
         self._wake.set()
 
+    @property
+    def redis_up(self) -> bool:
+        """False while the last push failed (Redis down, full, or refusing)."""
+        return self._redis_up
+
     def wait_pushed(self, seq: int, timeout: float) -> bool:
         """Wait until ``seq`` is in the stream, at most ``timeout`` seconds."""
         deadline = time.monotonic() + timeout

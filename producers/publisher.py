@@ -47,6 +47,7 @@ from shared.settings import SECRET_ENV_VARS, Settings
 log = logging.getLogger("trainbus.publisher")
 
 LOCK_ATTEMPTS = 50  # x 20 ms: a drainer's probe of the writer lock is brief
+DOWN_EXIT_FLUSH_S = 0.5  # the exit flush when the last push had failed
 MIN_SECRET_LEN = 8
 VERSIONED = ("trainbus", "torch", "ultralytics", "numpy", "redis", "orjson")
 
@@ -275,7 +276,8 @@ class Publisher:
         """Flush for at most ``timeout`` (default TRAINBUS_EXIT_FLUSH_S) seconds, then stop.
 
         What is not in Redis by then is handed to a detached drainer process, so the
-        script ends on time and nothing is lost. Returns True when everything was pushed.
+        script ends on time and nothing is lost; when Redis is already known to be down,
+        after at most DOWN_EXIT_FLUSH_S. Returns True when everything was pushed.
         """
         if self._closed:
             return True
@@ -286,7 +288,16 @@ class Publisher:
             self._closed = True
             last = self._writer.next_seq - 1
         budget = self.settings.exit_flush_s if timeout is None else timeout
-        flushed = last < 0 or self._flusher.wait_pushed(last, budget)
+        if not self._flusher.redis_up:  # waiting would mostly delay the script: the drainer retries
+            budget = min(budget, DOWN_EXIT_FLUSH_S)
+        flushed = False
+        try:
+            flushed = last < 0 or self._flusher.wait_pushed(last, budget)
+        finally:  # on Ctrl-C during the wait too: stop the threads, hand the rest over
+            self._shut_down(last, flushed, budget)
+        return flushed
+
+    def _shut_down(self, last: int, flushed: bool, budget: float) -> None:
         self._flusher.stop()
         self._snapshots.stop()
         self._writer.close()
@@ -303,7 +314,6 @@ class Publisher:
             self._spawn_drainer([self.run_id])
         else:
             self._flusher.pusher.push_available()  # retire the last segment now the writer is gone
-        return flushed
 
     def __enter__(self) -> Publisher:
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -94,9 +95,12 @@ def test_a_full_redis_refuses_events_they_wait_in_the_spool(own_redis, namespace
     wait_for(lambda: "Redis cannot take events (command not allowed when used memory" in caplog.text, timeout=10)
     assert client.xlen(Keys(namespace).events) == 0
     client.config_set("maxmemory", "0")  # the operator gives Redis room
-    bus.close(timeout=30)
+    bus.close(timeout=30)  # Redis was known full: the drainer delivers, if the flusher did not
+    wait_for(lambda: client.xlen(Keys(namespace).events) == 52, timeout=30)
     seqs = [e["seq"] for e in stream_events(client, Keys(namespace))]
     assert seqs == list(range(52)), "the session, every metrics event and the run_end, once, in order"
+    if bus.drainer is not None:
+        bus.drainer.wait(timeout=30)
 
 
 def test_close_is_bounded_when_redis_is_unreachable(namespace, spool_dir):
@@ -107,6 +111,55 @@ def test_close_is_bounded_when_redis_is_unreachable(namespace, spool_dir):
     assert time.monotonic() - started < 1.5
     assert bus.drainer is not None and bus.drainer.poll() is None, "a drainer keeps trying"
     bus.drainer.kill()
+
+
+def test_close_hands_over_at_once_when_redis_is_known_down(namespace, spool_dir):
+    bus = publisher(UNREACHABLE, namespace, spool_dir, exit_flush_s=30)
+    bus.metrics(0, {"loss": 1})
+    wait_for(lambda: not bus._flusher.redis_up, timeout=5)
+    started = time.monotonic()
+    assert bus.close() is False
+    assert time.monotonic() - started < 1.0, "not the 30 s exit flush"
+    assert bus.drainer is not None
+    bus.drainer.kill()
+
+
+CTRL_C_DURING_CLOSE = """
+import os, signal, sys, threading, time
+from producers import Publisher
+url, ns, spool, redis_pid = sys.argv[1:5]
+bus = Publisher(redis_url=url, namespace=ns, spool_dir=spool, run_id="ctrl-c", exit_flush_s=30)
+bus.metrics(0, {"loss": 1})
+time.sleep(0.5)  # pushed: Redis is up as far as the flusher knows
+os.kill(int(redis_pid), signal.SIGSTOP)  # now it hangs: the next push waits for its socket timeout
+bus.metrics(1, {"loss": 1})
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+try:
+    bus.close()  # waits up to 30 s for the push
+except KeyboardInterrupt:
+    print("interrupted", "drainer" if bus.drainer else "no drainer", flush=True)
+    bus.drainer.kill()
+    os.kill(int(redis_pid), signal.SIGCONT)
+    Publisher(redis_url=url, namespace=ns, spool_dir=spool, run_id="ctrl-c").close(0)
+    print("reopened", flush=True)
+"""
+
+
+def test_ctrl_c_during_the_exit_flush_still_hands_over(own_redis, namespace, spool_dir):
+    """Ctrl-C while close() waits for Redis: the threads stop, a drainer takes the rest, the run can reopen."""
+    own_redis.start()
+    try:
+        args = [own_redis.url, namespace, str(spool_dir), str(own_redis.proc.pid)]
+        out = subprocess.run(
+            [sys.executable, "-c", CTRL_C_DURING_CLOSE, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+    assert "interrupted drainer" in out.stdout and "reopened" in out.stdout, out.stderr
 
 
 def test_restarted_run_continues_its_sequence(redis_url, namespace, spool_dir, client, keys):
