@@ -8,6 +8,8 @@ Cases, measured in one run on the same payload (one epoch's metrics, as HUB rece
   trainbus, Redis up             Publisher.metrics() with the local Redis answering
   trainbus, Redis unreachable    the same with nothing listening at the Redis URL
   redis-py XADD (sync)           the naive alternative: XADD from the training thread
+  wandb.log (offline)            the best-known peer, offline (no account, no network); skipped
+                                 with a note when wandb is not installed (pip install -e '.[bench]')
   thread per upload (HUB)        the Ultralytics HUB session's way: a thread started per
                                  upload, posting to a local HTTP server
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
 import statistics
 import sys
 import tempfile
@@ -49,6 +52,7 @@ METRICS = {
     "val/cls_loss": 1.0,
     "val/dfl_loss": 1.2,
 }
+WANDB_CASE = "wandb.log (offline)"
 
 
 def measure(call: Callable[[int], object], calls: int, interval_s: float) -> list[float]:
@@ -79,6 +83,22 @@ class Ok(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+def wandb_log(calls: int, interval_s: float) -> list[float] | None:
+    """``run.log()`` of an offline wandb run (its files in a temporary directory); None without wandb."""
+    try:
+        import wandb
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as wandb_dir:
+        os.environ.update(WANDB_MODE="offline", WANDB_DIR=wandb_dir, WANDB_SILENT="true")
+        run = wandb.init(project="trainbus-bench", mode="offline", dir=wandb_dir)
+        try:
+            return measure(lambda i: run.log({**METRICS, "epoch": i}), calls, interval_s)
+        finally:
+            run.finish()  # not timed: syncing the run's file and stopping wandb's service process
+            wandb.teardown()
 
 
 def run(calls: int, redis_url: str, interval_s: float) -> list[tuple[str, list[float]]]:
@@ -113,6 +133,12 @@ def run(calls: int, redis_url: str, interval_s: float) -> list[tuple[str, list[f
             ),
         )
     )
+
+    samples = wandb_log(calls, interval_s)
+    if samples is None:
+        print(f"{WANDB_CASE}: skipped, wandb is not installed (pip install -e '.[bench]')")
+    else:
+        results.append((WANDB_CASE, samples))
 
     ThreadingHTTPServer.request_queue_size = 1024
     server = ThreadingHTTPServer(("127.0.0.1", 0), Ok)

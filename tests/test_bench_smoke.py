@@ -9,20 +9,39 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_hooks_benchmark_runs(redis_url):
+def run_bench(script: str, *args: str) -> str:
     out = subprocess.run(
-        [sys.executable, "bench/hooks.py", "--calls", "200", "--redis-url", redis_url],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_hooks_benchmark_runs(redis_url):
+    stdout = run_bench("hooks.py", "--calls", "200", "--redis-url", redis_url)
     for case in (
         "no hook",
         "trainbus, Redis up",
         "trainbus, Redis unreachable",
         "redis-py XADD (sync)",
+        "wandb.log (offline)",  # its row, or the note that wandb is not installed
         "thread per upload (HUB)",
     ):
-        assert case in out.stdout
+        assert case in stdout
+
+
+def test_training_benchmark_runs(redis_url):
+    tiny = ["--epochs", "2", "--batches", "3", "--repeats", "1", "--final-timeout", "1"]
+    stdout = run_bench("training.py", *tiny, "--redis-url", redis_url)
+    for case in (
+        "no telemetry",
+        "trainbus, sinks healthy",
+        "trainbus, HUB slow (2 s)",
+        "trainbus, HUB down",
+        "trainbus, Redis down",
+        "in-process HUB, healthy",
+        "in-process HUB, slow (2 s)",
+        "in-process HUB, down",
+    ):
+        assert case in stdout
+    assert "goal, trainbus within 1%" in stdout
