@@ -252,14 +252,14 @@ def test_clearml_down_for_part_of_the_run_then_everything_arrives_once(online, c
     bus = Publisher(
         redis_url=online.redis_url, namespace=online.namespace, spool_dir=spool_dir, run_id="outage", hub_model=MODEL_ID
     )
-    bus.session({"epochs": 10}, name="outage")
-    for epoch in range(10):
+    bus.session({"epochs": 16}, name="outage")
+    for epoch in range(16):
         if epoch == 3:
             clearml.fault(down=True)
-        if epoch == 7:
+        if epoch == 15:
             clearml.fault(down=False)
         bus.metrics(epoch, {"train/loss": float(epoch)}, stage="train")
-        time.sleep(1.0)  # down for 4 s: longer than TRAINBUS_CLEARML_TIMEOUT_S=3
+        time.sleep(1.0)  # down for 12 s: past the 3 s call timeout and the SDK's own 10 s flush fallback
     bus.end("completed")
     bus.close()
     task = wait_for(lambda: (t := task_named(clearml, "outage")) and t["status"] == "completed" and t, timeout=120)
@@ -268,6 +268,6 @@ def test_clearml_down_for_part_of_the_run_then_everything_arrives_once(online, c
         for e in clearml.state()["events"]
         if e.get("task") == task["id"] and e["type"] == "training_stats_scalar"
     )
-    assert values == [float(e) for e in range(10)]
+    assert values == [float(e) for e in range(16)], "each scalar once (a blocking flush sent some twice)"
     logs = b"".join(p.read_bytes() for p in spool_dir.glob("proc-*.log"))
     assert b"sink=clearml run=outage outcome=retry" in logs, "the outage was noticed and retried"

@@ -48,6 +48,7 @@ TYPES = frozenset(
     {EventType.SESSION, EventType.TRAIN_EPOCH, EventType.FIT_EPOCH, EventType.MEDIA, EventType.FINAL, EventType.RUN_END}
 )
 BATCH = 200
+SEND_POLL_S = 0.05  # how often _send_reports looks at the SDK's queue
 MEDIA_WAIT_S = 60.0  # a file named by an event may appear this late (mosaics are drawn in a thread)
 MEDIA_POLL_S = 1.0
 BATCH_IN_NAME = re.compile(r"_batch(\d+)")
@@ -89,7 +90,6 @@ class _Tasks:
     def __init__(self) -> None:
         self.tasks: dict[str, Any] = {}
         self.inflight: dict[str, set[int]] = {}
-        self.flush_locks: dict[str, threading.Lock] = {}
 
 
 _PROCESS = _Tasks()
@@ -139,7 +139,6 @@ class ClearmlSink:
             return min(pending)
         if self._finished(run_id):
             self.process.tasks.pop(run_id, None)
-            self.process.flush_locks.pop(run_id, None)
             self.runs.finish(run_id, KINDS)
             return None
         return self._silence_wait(run_id)
@@ -257,7 +256,7 @@ class ClearmlSink:
             "failed": lambda: task.mark_failed(status_reason=reason or "failed", force=True),
             "stopped": lambda: task.mark_stopped(force=True, status_message=reason or "stopped"),
         }
-        self._call(lambda: task.flush(wait_for_uploads=True), what="flush")
+        self._send_reports(task)  # then close()'s own flush finds nothing left to send
         self._call(mark.get(status, lambda: task.mark_completed(force=True)), what=f"mark {status}")
         self._call(task.close, what="close")
         self.client.hset(self.keys.state(SINK, run_id), "ended", status)
@@ -351,15 +350,7 @@ class ClearmlSink:
         if not inflight or task is None:
             return None
         if not self.client.hget(self.keys.state(SINK, run_id), "ended"):
-            # A flush that timed out goes on in its thread; the next one waits for it rather
-            # than running beside it (two at once sent the same events twice).
-            lock = self.process.flush_locks.setdefault(run_id, threading.Lock())
-
-            def flush() -> None:
-                with lock:
-                    task.flush(wait_for_uploads=True)
-
-            self._call(flush, what="flush")
+            self._send_reports(task)
         top = max(inflight)
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(self.keys.state(SINK, run_id), "done_seq", top)
@@ -369,6 +360,25 @@ class ClearmlSink:
         self.runs.counters.upload(SINK, "events", "ok", len(inflight))
         inflight.clear()
         return 0.0 if self.client.zcard(self.keys.pending(SINK, run_id, "events")) else None
+
+    def _send_reports(self, task: Any) -> None:
+        """Have the SDK send what was reported; wait until it has, at most clearml_timeout_s.
+
+        Not ``task.flush(wait_for_uploads=True)``: after 10 s of waiting, that call sends the
+        pending events from the caller's thread, beside the SDK's own thread that is still
+        retrying the same list, and the server gets them twice (clearml 2.1,
+        ``reporter.py: wait_for_events``; the soak run found it). Here only the SDK's thread
+        sends; this one watches its queue, which the SDK offers only privately.
+        """
+        from clearml.backend_interface.model import Model as BackendModel
+
+        reporter = task._reporter
+        self._call(lambda: task.flush(wait_for_uploads=False), what="flush")  # wakes the SDK's thread
+        deadline = time.monotonic() + self.settings.clearml_timeout_s
+        while reporter.events_waiting() or BackendModel.get_num_results() > 0:
+            if time.monotonic() > deadline:
+                raise ClearmlTimeout(f"ClearML did not take the reports within {self.settings.clearml_timeout_s:.0f} s")
+            time.sleep(SEND_POLL_S)
 
     def _finished(self, run_id: str) -> bool:
         state = self.client.hmget(self.keys.state(SINK, run_id), "ended")
