@@ -270,7 +270,8 @@ class HubSink:
                 self.client.set(self.keys.blocked(SINK, run_id), reason)
                 raise HubUploadFailed(reason) from None
             attempt = self.client.hincrby(state_key, f"fail:{kind}", 1)
-            delay = max(compute_backoff(attempt - 1, base=1.0, cap=300.0), exc.retry_after or 0.0)
+            # The server said when (429 Retry-After): then, not later; else back off exponentially.
+            delay = exc.retry_after if exc.retry_after else compute_backoff(attempt - 1, base=1.0, cap=300.0)
             if kind in RETRY_SOONER:  # a failed upload is not an upload: retry before the next slot
                 self.limits.retry_in(state_key, kind, delay)
             else:
