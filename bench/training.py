@@ -19,7 +19,7 @@ busy. Cases:
   trainbus, HUB down              the same, the workers' HUB URL a closed port
   trainbus, Redis down            nothing at the Publisher's Redis URL: events stay in the spool;
                                   close() knows Redis is down and hands over to a drainer
-                                  at once (killed after the case)
+                                  within 0.5 s (killed after the case)
   in-process HUB, healthy/slow (2 s)/down
                                   the Ultralytics HUB session's pattern (InProcessHub) against the
                                   same HUB servers: a thread per upload, the final on the training thread

@@ -47,6 +47,7 @@ from shared.settings import SECRET_ENV_VARS, Settings
 log = logging.getLogger("trainbus.publisher")
 
 LOCK_ATTEMPTS = 50  # x 20 ms: a drainer's probe of the writer lock is brief
+DOWN_EXIT_FLUSH_S = 0.5  # the exit flush when the last push had failed
 MIN_SECRET_LEN = 8
 VERSIONED = ("trainbus", "torch", "ultralytics", "numpy", "redis", "orjson")
 
@@ -276,7 +277,7 @@ class Publisher:
 
         What is not in Redis by then is handed to a detached drainer process, so the
         script ends on time and nothing is lost; when Redis is already known to be down,
-        at once. Returns True when everything was pushed.
+        after at most DOWN_EXIT_FLUSH_S. Returns True when everything was pushed.
         """
         if self._closed:
             return True
@@ -287,8 +288,8 @@ class Publisher:
             self._closed = True
             last = self._writer.next_seq - 1
         budget = self.settings.exit_flush_s if timeout is None else timeout
-        if not self._flusher.redis_up:  # waiting would only delay the script: the drainer retries
-            budget = 0.0
+        if not self._flusher.redis_up:  # waiting would mostly delay the script: the drainer retries
+            budget = min(budget, DOWN_EXIT_FLUSH_S)
         flushed = False
         try:
             flushed = last < 0 or self._flusher.wait_pushed(last, budget)
