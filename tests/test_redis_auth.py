@@ -20,6 +20,20 @@ from workers.rq_worker import worker_command
 USER, PASSWORD = "trainbus", "s3cret-acl-password"
 
 
+def delivered_through(url: str, namespace: str, hub, spool_dir: Path, workdir: Path) -> Pipeline:
+    """A dispatcher and a worker on this Redis URL; a 3-epoch run reaches HUB through them."""
+    p = Pipeline(url, namespace, hub, spool_dir)
+    p.dispatcher()
+    p.worker()
+    with Publisher(
+        redis_url=url, namespace=namespace, spool_dir=spool_dir, run_id=workdir.name, hub_model=MODEL_ID
+    ) as bus:
+        sent = train(bus, workdir, epochs=3)
+    wait_for(lambda: sorted(metrics_by_epoch(hub, MODEL_ID)) == [0, 1, 2], timeout=60)
+    assert {e: v for e, v in metrics_by_epoch(hub, MODEL_ID).items()} == {e: [sent[e]] for e in range(3)}
+    return p
+
+
 def test_an_acl_user_with_a_password_works_end_to_end_and_is_never_logged(tmp_path, namespace, hub, spool_dir):
     server = RedisServer(
         tmp_path / "acl-redis",
@@ -41,15 +55,7 @@ def test_an_acl_user_with_a_password_works_end_to_end_and_is_never_logged(tmp_pa
     url = f"redis://{USER}:{PASSWORD}@127.0.0.1:{server.port}/0"
     try:
         assert redis.Redis.from_url(url).ping()
-        p = Pipeline(url, namespace, hub, spool_dir)
-        p.dispatcher()
-        p.worker()
-        with Publisher(
-            redis_url=url, namespace=namespace, spool_dir=spool_dir, run_id="acl", hub_model=MODEL_ID
-        ) as bus:
-            sent = train(bus, tmp_path / "acl", epochs=3)
-        wait_for(lambda: sorted(metrics_by_epoch(hub, MODEL_ID)) == [0, 1, 2], timeout=60)
-        assert {e: v for e, v in metrics_by_epoch(hub, MODEL_ID).items()} == {e: [sent[e]] for e in range(3)}
+        p = delivered_through(url, namespace, hub, spool_dir, tmp_path / "acl")
         p.stop()
         logs = b"".join(path.read_bytes() for path in spool_dir.glob("proc-*.log"))
         assert PASSWORD.encode() not in logs
@@ -126,15 +132,7 @@ def test_rediss_with_a_verified_certificate_works_end_to_end(tmp_path, namespace
         pytest.skip("this redis-server was built without TLS")
     url = f"rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=required&ssl_ca_certs={certs / 'ca.crt'}"
     try:
-        p = Pipeline(url, namespace, hub, spool_dir)
-        p.dispatcher()
-        p.worker()
-        with Publisher(
-            redis_url=url, namespace=namespace, spool_dir=spool_dir, run_id="tls", hub_model=MODEL_ID
-        ) as bus:
-            sent = train(bus, tmp_path / "tls", epochs=2)
-        wait_for(lambda: sorted(metrics_by_epoch(hub, MODEL_ID)) == [0, 1], timeout=60)
-        assert {e: v for e, v in metrics_by_epoch(hub, MODEL_ID).items()} == {e: [sent[e]] for e in range(2)}
+        p = delivered_through(url, namespace, hub, spool_dir, tmp_path / "tls")
         untrusted = p.cli("status", TRAINBUS_REDIS_URL=f"rediss://127.0.0.1:{tls_port}/0")
         assert untrusted.returncode == 1 and "certificate verify failed" in untrusted.stderr
         p.stop()
