@@ -276,6 +276,9 @@ class HubSink:
                 self.limits.retry_in(state_key, kind, delay)
             else:
                 self.limits.push_back(state_key, kind, delay)
+            if exc.retry_after:  # the server's wait holds for every request to that endpoint
+                for other in SAME_ENDPOINT.get(kind, ()):
+                    self.limits.push_back(state_key, other, delay)
             self.client.hincrby(state_key, "retries", 1)
             self.runs.counters.upload(SINK, kind, "retry")
             log.warning(
@@ -288,6 +291,7 @@ class HubSink:
 
 
 RETRY_SOONER = frozenset({"ckpt"})
+SAME_ENDPOINT = {"ckpt": ("final",), "final": ("ckpt",)}  # both POST .../upload
 
 
 # KEYS: pending hash (seq, data, recorded_at, ts), state hash. ARGV: seq, data, kind, event ts.
