@@ -48,6 +48,10 @@ TYPES = frozenset(
     {EventType.SESSION, EventType.TRAIN_EPOCH, EventType.FIT_EPOCH, EventType.MEDIA, EventType.FINAL, EventType.RUN_END}
 )
 BATCH = 200
+# A run with no live producer and no event for this long is taken as dead and its task
+# stopped. Not the 30 s liveness TTL: a producer cut off from Redis for a while (its events
+# waiting in its spool) looks just like that, and a stopped task takes no more reports.
+SILENCE_STOP_S = 300.0
 SEND_POLL_S = 0.05  # how often _send_reports looks at the SDK's queue
 MEDIA_WAIT_S = 60.0  # a file named by an event may appear this late (mosaics are drawn in a thread)
 MEDIA_POLL_S = 1.0
@@ -390,7 +394,7 @@ class ClearmlSink:
             return float(LIVENESS_TTL_S)
         last = float(self.client.hget(self.keys.state(SINK, run_id), "last_event_ts") or 0)
         task = self.process.tasks.get(run_id)
-        if time.time() - last < LIVENESS_TTL_S:
+        if time.time() - last < SILENCE_STOP_S:
             return float(LIVENESS_TTL_S)
         if task is not None:
             self._end_task(run_id, task, "stopped", "the training process went silent")
