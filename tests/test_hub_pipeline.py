@@ -41,6 +41,7 @@ def final_uploads(hub, model):
 
 
 def test_a_20_epoch_run_reaches_hub_once_in_order_within_rate_limits(pipeline, hub, spool_dir, client, keys, tmp_path):
+    client.xgroup_create(keys.events, "test-keep", id="0", mkstream=True)  # a group that never reads: no trim
     pipeline.dispatcher()
     pipeline.worker()
     with publisher(pipeline, spool_dir, "run20") as bus:
