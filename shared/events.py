@@ -138,9 +138,10 @@ def decode_event(data: bytes | str) -> Event:
     _check_fields(payload, PAYLOAD_FIELDS.get(kind, {}), f"{kind} payload")
     if isinstance(payload.get("checkpoint"), dict):
         _check_fields(payload["checkpoint"], CHECKPOINT_FIELDS, f"{kind} payload's checkpoint")
-    for name in ("paths", "names"):
-        if kind == "media" and not all(isinstance(p, str) for p in payload.get(name) or []):
-            raise InvalidEvent(f"media payload: {name!r} must be a list of strings")
+    if kind == "media":
+        for name in ("paths", "names"):
+            if not all(isinstance(p, str) for p in payload.get(name) or []):
+                raise InvalidEvent(f"media payload: {name!r} must be a list of strings")
     nulls = obj.get("nulls", [])
     if not isinstance(nulls, list):
         raise InvalidEvent("'nulls' must be a list of payload paths")
