@@ -242,8 +242,8 @@ class Publisher:
             {
                 "kind": kind,
                 "title": title,
-                "paths": [str(p) for p in paths],
-                "dir": str(directory) if directory is not None else None,
+                "paths": [os.path.realpath(p) for p in paths],  # workers see the same paths, not our cwd
+                "dir": os.path.realpath(directory) if directory is not None else None,
                 "pattern": pattern,
                 "names": list(names),
                 "iteration": iteration,

@@ -75,6 +75,7 @@ class UltralyticsHooks:
             task=args.get("task"),
             save_dir=str(getattr(trainer, "save_dir", "") or "") or None,
             epochs=getattr(trainer, "epochs", args.get("epochs")),
+            framework="ultralytics",
         )
 
     def on_pretrain_routine_end(self, trainer: Any) -> None:
@@ -109,9 +110,11 @@ class UltralyticsHooks:
 
     def on_train_end(self, trainer: Any) -> None:
         bus = self.bus()
-        save_dir = getattr(trainer, "save_dir", None)
-        if save_dir:
-            bus.media("plot", "Results", directory=save_dir, names=PLOT_NAMES, pattern=PLOT_PATTERN)
+        plots = _plots(trainer)
+        if plots:
+            bus.media("plot", "Results", paths=plots)
+        elif getattr(trainer, "save_dir", None):  # a trainer that does not register its plots
+            bus.media("plot", "Results", directory=trainer.save_dir, names=PLOT_NAMES, pattern=PLOT_PATTERN)
         metrics = getattr(trainer, "metrics", None) or {}
         validator_metrics = getattr(getattr(getattr(trainer, "validator", None), "metrics", None), "results_dict", None)
         bus.final(
@@ -196,6 +199,13 @@ def _train_losses(trainer: Any) -> dict[str, Any]:
     except Exception:  # older/newer trainers differ; losses are not worth a crash
         log.debug("label_loss_items failed", exc_info=True)
         return {}
+
+
+def _plots(trainer: Any) -> list[str]:
+    """The trainer's and validator's registered plots but batch images, as Ultralytics' ClearML logs them."""
+    validator = getattr(trainer, "validator", None)
+    registered = [*(getattr(trainer, "plots", None) or {}), *(getattr(validator, "plots", None) or {})]
+    return [str(p) for p in registered if "batch" not in getattr(p, "name", str(p))]
 
 
 def _model_info(trainer: Any) -> dict[str, Any]:

@@ -17,8 +17,14 @@ class SettingsError(TrainbusError, ValueError):
 
 
 class InvalidEvent(TrainbusError, ValueError):
-    """A stream entry is not a valid event; ``reason`` goes to the dead-letter stream."""
+    """A stream entry is not a valid event; ``reason`` goes to the dead-letter stream.
 
-    def __init__(self, reason: str) -> None:
+    ``run_id`` and ``seq`` are set when the envelope named them validly (only the rest was
+    wrong), so that sinks can count the seq as done instead of waiting for it.
+    """
+
+    def __init__(self, reason: str, run_id: str | None = None, seq: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.run_id = run_id
+        self.seq = seq

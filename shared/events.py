@@ -25,7 +25,8 @@ from shared.errors import InvalidEvent
 SCHEMA_VERSION = 1
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # also valid inside RQ job ids
 MAX_EVENT_BYTES = 1 << 20  # an event is a small record; files travel as paths
-MAX_SEQ = (1 << 32) - 1  # sinks keep a bitmap of seen seqs; Redis bit offsets stop here
+MAX_SEQ = (1 << 32) - 1
+MAX_SEQ_AHEAD = 100_000  # a seq this far past what its run pushed is refused (keeps per-run state bounded)
 
 
 class EventType(str, Enum):
@@ -130,21 +131,24 @@ def decode_event(data: bytes | str) -> Event:
     seq = _field(obj, "seq", int)
     if isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
         raise InvalidEvent(f"seq must be an integer from 0 to {MAX_SEQ}, got {str(seq)[:40]}")
-    ts = _field(obj, "ts", (int, float))
-    kind = _field(obj, "type", str)
-    if kind not in TYPES:
-        raise InvalidEvent(f"unknown event type {kind[:80]!r}")
-    payload = _field(obj, "payload", dict)
-    _check_fields(payload, PAYLOAD_FIELDS.get(kind, {}), f"{kind} payload")
-    if isinstance(payload.get("checkpoint"), dict):
-        _check_fields(payload["checkpoint"], CHECKPOINT_FIELDS, f"{kind} payload's checkpoint")
-    if kind == "media":
-        for name in ("paths", "names"):
-            if not all(isinstance(p, str) for p in payload.get(name) or []):
-                raise InvalidEvent(f"media payload: {name!r} must be a list of strings")
-    nulls = obj.get("nulls", [])
-    if not isinstance(nulls, list):
-        raise InvalidEvent("'nulls' must be a list of payload paths")
+    try:
+        ts = _field(obj, "ts", (int, float))
+        kind = _field(obj, "type", str)
+        if kind not in TYPES:
+            raise InvalidEvent(f"unknown event type {kind[:80]!r}")
+        payload = _field(obj, "payload", dict)
+        _check_fields(payload, PAYLOAD_FIELDS.get(kind, {}), f"{kind} payload")
+        if isinstance(payload.get("checkpoint"), dict):
+            _check_fields(payload["checkpoint"], CHECKPOINT_FIELDS, f"{kind} payload's checkpoint")
+        if kind == "media":
+            for name in ("paths", "names"):
+                if not all(isinstance(p, str) for p in payload.get(name) or []):
+                    raise InvalidEvent(f"media payload: {name!r} must be a list of strings")
+        nulls = obj.get("nulls", [])
+        if not isinstance(nulls, list):
+            raise InvalidEvent("'nulls' must be a list of payload paths")
+    except InvalidEvent as exc:
+        raise InvalidEvent(exc.reason, run_id, seq) from None
     return Event(run_id=run_id, seq=seq, ts=float(ts), type=kind, payload=payload, nulls=nulls)
 
 

@@ -68,8 +68,12 @@ class Keys:
         return f"{self.namespace}:{sink}:{run_id}:pending:{kind}"
 
     def seen(self, sink: str, run_id: str) -> str:
-        """Bitmap of the run's seqs this sink has recorded (to know none is still missing)."""
+        """Hash: ``next`` = every seq of the run below it is recorded in this sink."""
         return f"{self.namespace}:{sink}:{run_id}:seen"
+
+    def ahead(self, sink: str, run_id: str) -> str:
+        """Sorted set of the run's recorded seqs above ``next`` (arrived out of order)."""
+        return f"{self.namespace}:{sink}:{run_id}:ahead"
 
     def active(self, sink: str) -> str:
         """Set of runs with work left in a sink: the dispatcher's sweep looks at these."""
@@ -86,6 +90,10 @@ class Keys:
     def lock(self, sink: str, run_id: str) -> str:
         """Held by the worker draining the run; expires if that worker dies."""
         return f"{self.namespace}:{sink}:{run_id}:lock"
+
+    def owner(self, sink: str, token: str) -> str:
+        """Liveness of one worker process (a lease it renews): what it handed to an SDK is its own."""
+        return f"{self.namespace}:{sink}:owner:{token}"
 
     def blocked(self, sink: str, run_id: str) -> str:
         """Why a run's uploads stopped (bad key, unknown model): set until requeued."""

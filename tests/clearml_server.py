@@ -10,6 +10,7 @@ files host (multipart ``POST /``, same port). Control endpoints:
 
     GET  /_control/state    {"tasks": {...}, "models": {...}, "events": [...], "files": [...], "calls": [...]}
     POST /_control/faults   {"down": true} answers 503 to everything / {"hang": 10} / {"down": false}
+                            {"hang": 6, "endpoint": "tasks.create"}: only that call hangs
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class State:
         self.calls: list[str] = []
         self.down = False
         self.hang = 0.0
+        self.hang_endpoint: str | None = None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -70,11 +72,11 @@ class Handler(BaseHTTPRequestHandler):
         state = self.server.state
         if self.path.startswith("/_control/"):
             return self._control(body)
-        if state.hang:
+        match = API.match(self.path)
+        if state.hang and state.hang_endpoint in (None, match and match["endpoint"]):
             time.sleep(state.hang)
         if state.down:
             return self._send(503, {"meta": {"result_code": 503, "result_msg": "down for a test"}, "data": {}})
-        match = API.match(self.path)
         if self.command in ("POST", "PUT") and not match:
             return self._upload(body)
         if not match:
@@ -128,6 +130,7 @@ class Handler(BaseHTTPRequestHandler):
             faults = _json(body)
             state.down = faults.get("down", state.down)
             state.hang = faults.get("hang", state.hang)
+            state.hang_endpoint = faults.get("endpoint", state.hang_endpoint)
         return self._send(200, {"ok": True})
 
     def _reply(self, endpoint: str, data: dict[str, Any]) -> None:

@@ -60,7 +60,13 @@ def test_demo_delivers_everything_and_its_summary_is_true(tmp_path, redis_url):
     session = Path(s["clearml_session"])
     events = [e for line in (session / "metrics.jsonl").read_text().splitlines() for e in json.loads(line)]
     scalars = [e for e in events if e["type"] == "training_stats_scalar" and e["metric"] != "Summary"]
-    assert len(scalars) == 3 * 5  # train loss, lr, 2 val metrics, epoch time per epoch
+    # per epoch: train loss, lr, 2 validation metrics, epoch time; then the final validation's 3 at iteration 3
+    assert len(scalars) == 3 * 5 + 3
+    assert {(e["metric"], e["iter"]) for e in scalars if e["iter"] == 3} == {
+        ("metrics", 3),
+        ("val", 3),
+        ("Epoch Time", 3),
+    }
     assert {e["metric"] for e in events if e["type"] == "training_debug_image"} == {"Mosaic", "Validation"}
     assert [e["metric"] for e in events if e["type"] == "plot"] == ["results"]
     assert s["hook_us_p50"] > 0 and s["last_event_to_last_upload_s"] >= 0

@@ -310,3 +310,20 @@ def test_no_secret_in_redis_or_logs_and_jobs_are_json(pipeline, hub, spool_dir, 
                 json.loads(zlib.decompress(data))  # RQ compresses job data; inside: JSON, not a pickle
     for log in spool_dir.glob("proc-*.log"):
         assert key not in log.read_bytes(), log
+
+
+def test_a_hub_reply_cut_off_mid_body_is_retried_with_backoff_not_failed(pipeline, hub, spool_dir, tmp_path):
+    """Headers, then half a body, then a closed connection: a transport failure like any other."""
+    hub.fault(endpoint="metrics", truncate=True, count=2)
+    hub.fault(endpoint="heartbeat", truncate=True, count=1)
+    pipeline.dispatcher()
+    pipeline.worker()
+    with publisher(pipeline, spool_dir, "cut") as bus:
+        sent = train(bus, tmp_path / "cut", epochs=4)
+    wait_for(lambda: final_uploads(hub, MODEL_ID), timeout=60)
+    assert [r["status"] for r in hub.requests(status=None)].count("truncated") == 3
+    got = metrics_by_epoch(hub, MODEL_ID)
+    assert sorted(got) == [0, 1, 2, 3] and all(got[e][-1] == sent[e] for e in got), "every epoch arrived"
+    assert pipeline.cli("failed").stdout.strip() == "no failed drain jobs", "a cut-off reply is not a failure for good"
+    logs = b"".join(p.read_bytes() for p in spool_dir.glob("proc-*.log"))
+    assert logs.count(b"outcome=retry") >= 3 and b"ChunkedEncodingError" in logs

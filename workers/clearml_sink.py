@@ -1,34 +1,41 @@
-"""The ClearML sink: what Ultralytics' ClearML callbacks did inside training, from events.
+"""The ClearML sink: what Ultralytics' ClearML callbacks record inside training, from events.
 
 Per run, one ClearML task (never ``Task.init``: in a worker it would become the process's
-main task), created at the session event and found again by id after a worker restart
-(``task_id`` in the run's state hash). Events are reported in seq order:
+main task), created at the session event, its id kept in the run's state so any worker can
+reopen it. What each event becomes is what ``ultralytics/utils/callbacks/clearml.py`` does:
 
-  session     the task: project, name, tags, args as hyperparameters ("General")
-  train_epoch scalars "train/<loss>" and "lr/<group>" at iteration = epoch
-  fit_epoch   scalars "val/<metric>" and "Epoch Time"; model info as single values at epoch 0
-  media       debug samples (iteration from ``_batchN`` in the name) or plots; files that
-              appear late are waited for, up to MEDIA_WAIT_S, without holding back the rest
-  final       final metrics as single values; best checkpoint as the output model
+  session     the task: project (the ``project`` arg without a leading ``/``, else
+              "Ultralytics" for an Ultralytics run), name, tags, every arg as a
+              hyperparameter in "General" (None included)
+  train_epoch scalars "train/<loss>" (title "train") and "lr/pg<n>" (title "lr") at iteration = epoch
+  fit_epoch   "Epoch Time"; each validation metric under the title before its "/"
+              ("metrics", "val") at iteration = epoch, the final validation's at epochs;
+              model info as single values at epoch 0
+  media       debug samples, iteration from ``_batchN`` in the name, each (title, series,
+              iteration) once however many events name the file; plots by title. Files that
+              appear late are waited for (MEDIA_WAIT_S) without holding back the rest
+  final       final metrics as single values; the best checkpoint as the output model
               (offline mode: as an artifact, the SDK's offline output model is broken)
-  run_end     task completed / failed / stopped; a producer that went silent: stopped
+  run_end     task completed / failed / stopped, after everything before it was sent
 
-An event counts as reported only once the SDK flushed it, so ClearML being down delays
-the run but loses nothing; every SDK call runs under a timeout because the SDK retries
-forever when its server is gone. Use the non-forking worker (``-w
-workers.rq_worker.SimpleWorker``): the tasks and the SDK's queues live in the process.
+Exactly once, with any number of workers and whatever order the dispatchers recorded the
+events in: the dispatcher records each seq once (``workers/sink.py``); a worker hands each
+unit to its own process in Redis before its SDK gets it, and the unit counts as done only
+when that SDK sent it (``workers/clearml_sdk.py``). A run's events are reported in seq
+order; one that arrives after a gap waits for the missing seqs up to GAP_WAIT_S. Files are
+opened once below the roots and the SDK gets a private copy (``workers/files.py``). Use
+the non-forking worker (``workers.rq_worker.SimpleWorker``): the SDK's queues live in it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import re
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 import redis
@@ -37,70 +44,39 @@ from shared.backoff import compute_backoff
 from shared.events import Event, EventType
 from shared.keys import LIVENESS_TTL_S, Keys
 from shared.settings import WorkerSettings
-from workers.files import FileMissing, FileRefused, allowed_dir, allowed_path, verified_checkpoint
-from workers.sink import RunState
+from workers.clearml_sdk import ClearmlBusy, ClearmlTimeout, Owner, TaskHandle, offline
+from workers.files import FileMissing, FileRefused, list_dir, open_file, private_dir
+from workers.sink import SEEN_LUA, RunState
 
 log = logging.getLogger("trainbus.clearml")
 
 SINK = "clearml"
-KINDS = ("events", "media")
+KINDS = ("events", "media", "files", "handed", "files_done")
 TYPES = frozenset(
     {EventType.SESSION, EventType.TRAIN_EPOCH, EventType.FIT_EPOCH, EventType.MEDIA, EventType.FINAL, EventType.RUN_END}
 )
 BATCH = 200
-# A run with no live producer and no event for this long is taken as dead and its task
-# stopped. Not the 30 s liveness TTL: a producer cut off from Redis for a while (its events
-# waiting in its spool) looks just like that, and a stopped task takes no more reports.
+GAP_WAIT_S = 60.0  # an event after a missing seq waits this long for it (another dispatcher may hold it)
+# A run with no live producer (continuously, as this sink saw it) and no event for this long
+# is taken as dead and its task stopped. Not the 30 s liveness TTL: a producer cut off from
+# Redis for a while (its events waiting in its spool) looks just like that.
 SILENCE_STOP_S = 300.0
-SEND_POLL_S = 0.05  # how often _send_reports looks at the SDK's queue
-MEDIA_WAIT_S = 60.0  # a file named by an event may appear this late (mosaics are drawn in a thread)
-MEDIA_POLL_S = 1.0
+MEDIA_WAIT_S = 60.0  # a file named by an event may appear this late (plots are drawn in threads)
+POLL_S = 0.2  # how soon to look again while the SDK sends or a file is awaited
 BATCH_IN_NAME = re.compile(r"_batch(\d+)")
-T = TypeVar("T")
+PLOT_SERIES = "plot image"  # what report_matplotlib_figure(series="") reports as
 
+# KEYS: seen, ahead, pending events. ARGV: seq, event. Adds the event only the first time its
+# seq is recorded, so a redelivered entry is never reported twice.
+RECORD = (
+    SEEN_LUA
+    + """
+if new and ARGV[2] ~= '' then redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2]) end
+return new and 1 or 0
+"""
+)
 
-class ClearmlTimeout(Exception):
-    """A ClearML call did not return in time (server down or slow): retried later."""
-
-
-def call_with_timeout(fn: Callable[[], T], timeout: float, what: str) -> T:
-    """Run ``fn`` in a thread; raise ClearmlTimeout if it has not returned in ``timeout`` s.
-
-    The SDK retries forever once logged in, so a call may never return: the thread is left
-    to finish on its own (it is a daemon) and the job moves on.
-    """
-    result: list[Any] = []
-    error: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(fn())
-        except BaseException as exc:
-            error.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True, name=f"clearml-{what}")
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise ClearmlTimeout(f"ClearML {what} did not return within {timeout:.0f} s")
-    if error:
-        raise error[0]
-    return result[0]
-
-
-class _Tasks:
-    """Tasks and not-yet-flushed seqs per run, kept for the life of the worker process."""
-
-    def __init__(self) -> None:
-        self.tasks: dict[str, Any] = {}
-        self.inflight: dict[str, set[int]] = {}
-
-
-_PROCESS = _Tasks()
-
-
-def offline() -> bool:
-    return os.environ.get("CLEARML_OFFLINE_MODE", "").strip().lower() in ("1", "true", "yes", "on")
+_OWNER: Owner | None = None  # one per worker process: its tasks, SDK calls and lease
 
 
 class ClearmlSink:
@@ -111,28 +87,42 @@ class ClearmlSink:
         self.keys = keys
         self.settings = settings
         self.runs = RunState(client, keys, SINK)
-        self.process = _PROCESS
+        self._record = client.register_script(RECORD)
 
-    def _call(self, fn: Callable[[], T], what: str) -> T:
-        return call_with_timeout(fn, self.settings.clearml_timeout_s, what)
+    @property
+    def owner(self) -> Owner:
+        """This process's owner (tasks, calls, lease), started on first use by a worker."""
+        global _OWNER
+        if _OWNER is None or _OWNER.keys != self.keys:
+            _OWNER = Owner(self.client, self.keys, SINK, self._confirm)
+            _OWNER.start()
+        return _OWNER
+
+    def _call(self, run_id: str, what: str, fn: Any) -> Any:
+        return self.owner.calls.call(run_id, what, fn, self.settings.clearml_timeout_s)
+
+    def _key(self, run_id: str, kind: str) -> str:
+        return self.keys.pending(SINK, run_id, kind)
 
     # -- dispatcher side -----------------------------------------------------------------
 
     def record(self, pipe: redis.client.Pipeline, event: Event) -> None:
-        self.runs.mark_seen(pipe, event)
-        if event.type in TYPES:
-            data = orjson.dumps({"seq": event.seq, "ts": event.ts, "type": event.type, "payload": event.payload})
-            pipe.zadd(self.keys.pending(SINK, event.run_id, "events"), {data: event.seq})
+        self.runs.mark_active(pipe, event)
+        data = orjson.dumps({"seq": event.seq, "ts": event.ts, "type": event.type, "payload": event.payload})
+        keys = [*self.runs.seen_keys(event.run_id), self._key(event.run_id, "events")]
+        self._record(keys=keys, args=[event.seq, data if event.type in TYPES else b""], client=pipe)
 
     # -- worker side -----------------------------------------------------------------------
 
     def drain(self, run_id: str) -> float | None:
         state_key = self.keys.state(SINK, run_id)
         try:
-            waits = [self._report_events(run_id), self._report_media(run_id), self._flush(run_id)]
-        except (ClearmlTimeout, ConnectionError, OSError) as exc:
+            self.owner.confirm_sent(run_id)
+            waits = [self._report_events(run_id), self._discover_media(run_id), self._report_files(run_id)]
+            waits.append(self._unsent(run_id))
+        except ClearmlTimeout as exc:
             attempt = self.client.hincrby(state_key, "fail", 1)
-            delay = compute_backoff(attempt - 1, base=1.0, cap=120.0)
+            delay = POLL_S if isinstance(exc, ClearmlBusy) else compute_backoff(attempt - 1, base=1.0, cap=120.0)
             self.client.hincrby(state_key, "retries", 1)
             self.runs.counters.upload(SINK, "events", "retry")
             log.warning("upload sink=clearml run=%s outcome=retry delay=%.1f error=%r", run_id, delay, str(exc))
@@ -142,147 +132,300 @@ class ClearmlSink:
         if pending:
             return min(pending)
         if self._finished(run_id):
-            self.process.tasks.pop(run_id, None)
+            self.owner.forget(run_id)
             self.runs.finish(run_id, KINDS)
             return None
         return self._silence_wait(run_id)
 
-    # -- events in seq order ---------------------------------------------------------------
+    def _unsent(self, run_id: str) -> float | None:
+        """What this process handed is not sent yet: look again soon, and say so when it takes long."""
+        unsent = self.owner.confirm_sent(run_id)
+        if not unsent:
+            self.client.hdel(self.keys.state(SINK, run_id), "unsent_since")
+            return None
+        state_key = self.keys.state(SINK, run_id)
+        self.client.hsetnx(state_key, "unsent_since", repr(time.time()))
+        since = float(self.client.hget(state_key, "unsent_since") or time.time())
+        if time.time() - since > self.settings.clearml_timeout_s:
+            log.warning(
+                "upload sink=clearml run=%s outcome=waiting unsent=%d for=%.0fs (ClearML is not taking reports)",
+                run_id,
+                unsent,
+                time.time() - since,
+            )
+            return 1.0
+        return POLL_S
+
+    # -- events, in seq order -----------------------------------------------------------------
 
     def _report_events(self, run_id: str) -> float | None:
-        key = self.keys.pending(SINK, run_id, "events")
-        inflight = self.process.inflight.setdefault(run_id, set())
-        done, ended = self.client.hmget(self.keys.state(SINK, run_id), "done_seq", "ended")
-        for raw in self.client.zrangebyscore(key, f"({int(done or -1)}", "+inf", start=0, num=BATCH):
+        state_key = self.keys.state(SINK, run_id)
+        raw_events = self.client.zrange(self._key(run_id, "events"), 0, BATCH - 1)
+        complete_below = self.runs.recorded_below(run_id)
+        handed = self.client.hgetall(self._key(run_id, "handed"))
+        alive = _Memo(self.owner.alive)
+        closed = self._closed(run_id)
+        batch: list[dict[str, Any]] = []
+        gap = False
+        for raw in raw_events:
             event = orjson.loads(raw)
-            seq = event["seq"]
-            if seq in inflight:
+            if event["seq"] >= complete_below:
+                gap = True
+                if (wait := self._gap_wait(state_key)) is not None:
+                    self._report_batch(run_id, batch)
+                    return wait
+            owner = handed.get(f"e{event['seq']}".encode())
+            if owner is not None and alive(owner):
+                continue  # sent or being sent by a live worker's SDK
+            if closed or event["type"] in (EventType.SESSION, EventType.MEDIA, EventType.RUN_END):
+                self._report_batch(run_id, batch)
+                batch = []
+                wait = self._special(run_id, event)
+                if wait is not None:
+                    return wait
+                closed = self._closed(run_id)
                 continue
-            if ended:  # the task is closed: what comes after the run's end is not reported
-                inflight.add(seq)
-                continue
-            task = self._task(run_id, event)
-            if task is None:
-                return 1.0  # no session event yet: nothing to attach reports to
-            self._report(run_id, task, event)
-            inflight.add(seq)
+            batch.append(event)
+        self._report_batch(run_id, batch)
+        if not gap:
+            self.client.hdel(state_key, "gap_since")
+        return 0.0 if len(raw_events) == BATCH else None
+
+    def _gap_wait(self, state_key: str) -> float | None:
+        """An earlier seq is missing: how long to keep waiting for it (None: waited long enough)."""
+        self.client.hsetnx(state_key, "gap_since", repr(time.time()))
+        waited = time.time() - float(self.client.hget(state_key, "gap_since") or 0)
+        return None if waited >= GAP_WAIT_S else min(POLL_S * 5, GAP_WAIT_S - waited)
+
+    def _special(self, run_id: str, event: dict[str, Any]) -> float | None:
+        """Events that change the task or wait for files rather than being reported to it."""
+        kind, seq, p = event["type"], event["seq"], event["payload"]
+        state_key = self.keys.state(SINK, run_id)
+        ended, end_seq = self.client.hmget(state_key, "ended", "end_seq")
+        if ended and seq <= int(end_seq or -1):
+            self.runs.dead_letter(
+                f"{kind} event {seq} of run {run_id} arrived after the run's ClearML task was closed; not reported",
+                run_id=run_id,
+                seq=seq,
+            )
+            self._done(run_id, [f"e{seq}"])
+            return None
+        if ended:  # a later event: the run was resumed
+            self._reopen(run_id)
+        if kind == EventType.SESSION:
+            self._task(run_id, p)
+            self._done(run_id, [f"e{seq}"])
+        elif kind == EventType.MEDIA:
+            pipe = self.client.pipeline()
+            pipe.hsetnx(self._key(run_id, "media"), str(seq), orjson.dumps({**p, "recorded": time.time()}))
+            pipe.zremrangebyscore(self._key(run_id, "events"), seq, seq)
+            pipe.execute()
+        elif kind == EventType.RUN_END:
+            return self._end(run_id, seq, p.get("status") or "completed", p.get("error"))
+        else:
+            self._report_batch(run_id, [event])
         return None
 
-    def _report(self, run_id: str, task: Any, event: dict[str, Any]) -> None:
+    def _report_batch(self, run_id: str, events: list[dict[str, Any]]) -> None:
+        """Hand the units to this process, then report them through its SDK, in order."""
+        if not events:
+            return
+        handle = self._task(run_id, None)
+        if handle is None:
+            raise ClearmlBusy(f"run {run_id} has no ClearML task yet (its session event is not reported)")
+        units = [f"e{e['seq']}" for e in events]
+        self._hand(run_id, units)
+
+        def report() -> None:
+            with self._unhand_unreported(run_id, units):
+                for unit, event in zip(units, events, strict=True):
+                    self._report(run_id, handle, event)
+                    self.owner.handed(run_id, unit)
+            handle.task.flush(wait_for_uploads=False)  # wakes the SDK's thread
+
+        self._call(run_id, "report", report)
+
+    def _hand(self, run_id: str, units: list[str]) -> None:
+        """These units are this process's to report: others leave them alone while it lives."""
+        self.client.hset(self._key(run_id, "handed"), mapping=dict.fromkeys(units, self.owner.token))
+
+    @contextlib.contextmanager
+    def _unhand_unreported(self, run_id: str, units: list[str]) -> Iterator[None]:
+        """If reporting fails, the units the SDK did not get go back to whoever drains next."""
+        try:
+            yield
+        except BaseException:
+            reported = set(self.owner.tasks[run_id].handed) if run_id in self.owner.tasks else set()
+            rest = [u for u in units if u not in reported]
+            if rest:
+                self.client.hdel(self._key(run_id, "handed"), *rest)
+            raise
+
+    def _report(self, run_id: str, handle: TaskHandle, event: dict[str, Any]) -> None:
         p, kind = event["payload"], event["type"]
-        logger = task.get_logger()
+        logger = handle.task.get_logger()
         epoch = p.get("epoch") if isinstance(p.get("epoch"), int) else 0
         if kind == EventType.TRAIN_EPOCH:
             for name, value in _numbers(p.get("metrics")):
                 logger.report_scalar("train", name, value, iteration=epoch)
             for name, value in _numbers(p.get("lr")):
                 logger.report_scalar("lr", name, value, iteration=epoch)
-        elif kind == EventType.FIT_EPOCH and not p.get("final_eval"):
-            if isinstance(p.get("epoch_time"), (int, float)):
-                logger.report_scalar("Epoch Time", "Epoch Time", p["epoch_time"], iteration=epoch)
+        elif kind == EventType.FIT_EPOCH:
+            if _is_number(p.get("epoch_time")):
+                logger.report_scalar("Epoch Time", "Epoch Time", float(p["epoch_time"]), iteration=epoch)
             for name, value in _numbers(p.get("metrics")):
-                if not name.startswith("train/"):
-                    logger.report_scalar("val", name, value, iteration=epoch)
-            for name, value in _numbers(p.get("model_info")):
-                logger.report_single_value(name, value)
-        elif kind == EventType.MEDIA:
-            self.client.hset(
-                self.keys.pending(SINK, run_id, "media"),
-                str(event["seq"]),
-                orjson.dumps({**p, "recorded": time.time(), "done": []}),
-            )
+                if not name.startswith("train/"):  # the training losses, reported with train_epoch
+                    logger.report_scalar(name.split("/")[0], name, value, iteration=epoch)
+            if not p.get("final_eval"):
+                for name, value in _numbers(p.get("model_info")):
+                    logger.report_single_value(name, value)
         elif kind == EventType.FINAL:
             for name, value in _numbers(p.get("metrics")):
                 logger.report_single_value(name, value)
-            self._output_model(run_id, task, p)
-        elif kind == EventType.RUN_END:
-            self._end_task(run_id, task, p.get("status") or "completed", p.get("error"))
-
-    def _task(self, run_id: str, event: dict[str, Any]) -> Any:
-        """The run's task: cached, reopened by id, or created from the session event."""
-        if run_id in self.process.tasks:
-            return self.process.tasks[run_id]
-        from clearml import Task
-
-        state_key = self.keys.state(SINK, run_id)
-        task_id = self.client.hget(state_key, "task_id")
-        if task_id and not offline():
-            task = self._call(lambda: Task.get_task(task_id=task_id.decode()), what="get_task")
-        elif event["type"] != EventType.SESSION:
-            return None
-        else:
-            task = self._create_task(run_id, event["payload"])
-            self.client.hset(state_key, "task_id", task.id)
-        self.process.tasks[run_id] = task
-        return task
-
-    def _create_task(self, run_id: str, session: dict[str, Any]) -> Any:
-        from clearml import Task
-
-        if offline():
-            Task.set_offline(True)
-        project = session.get("project") or (session.get("args") or {}).get("project") or "trainbus"
-        name = session.get("name") or run_id
-        task = self._call(
-            lambda: Task._create(project_name=str(project), task_name=str(name), task_type=Task.TaskTypes.training),
-            what="task create",
-        )
-        if not offline():  # models go to the files server (CLEARML_FILES_HOST)
-            self._call(lambda: setattr(task, "output_uri", True), what="output destination")
-        args = {k: v for k, v in (session.get("args") or {}).items() if v is not None}
-        self._call(lambda: task.connect(args, name="General"), what="connect args")
-        self._call(lambda: task.add_tags(["trainbus", f"run:{run_id}"]), what="add tags")
-        log.info("upload sink=clearml run=%s kind=task outcome=ok task=%s project=%s", run_id, task.id, project)
-        return task
+            self._output_model(run_id, handle.task, p)
 
     def _output_model(self, run_id: str, task: Any, final: dict[str, Any]) -> None:
         ck = final.get("checkpoint") or {}
         try:
-            path = verified_checkpoint(ck["path"], ck["sha256"], self.settings.file_roots)
-        except (FileRefused, KeyError) as exc:
+            if not isinstance(ck.get("path"), str) or not isinstance(ck.get("sha256"), str):
+                raise FileRefused("the final event names no snapshot path and sha256")
+            with open_file(ck["path"], self.settings.file_roots) as file:
+                copy = file.copy_into(self.copies, ck["sha256"])
+        except FileRefused as exc:
             self.runs.dead_letter(f"output model not logged: {exc}", run_id=run_id)
             return
+        name = self.client.hget(self.keys.state(SINK, run_id), "name")
         if offline():
-            self._call(
-                lambda: task.upload_artifact("best.pt", artifact_object=str(path), wait_on_upload=True),
-                what="output model artifact",
-            )
+            task.upload_artifact("best.pt", artifact_object=str(copy), wait_on_upload=True, delete_after_upload=True)
         else:
-            self._call(
-                lambda: task.update_output_model(model_path=str(path), model_name="best", auto_delete_file=False),
-                what="output model",
-            )
+            task.update_output_model(model_path=str(copy), model_name=(name or b"best").decode(), auto_delete_file=True)
         log.info("upload sink=clearml run=%s kind=model outcome=ok", run_id)
 
-    def _end_task(self, run_id: str, task: Any, status: str, reason: str | None = None) -> None:
-        self._flush_media(run_id)
-        mark = {
-            "failed": lambda: task.mark_failed(status_reason=reason or "failed", force=True),
-            "stopped": lambda: task.mark_stopped(force=True, status_message=reason or "stopped"),
-        }
-        self._send_reports(task)  # then close()'s own flush finds nothing left to send
-        self._call(mark.get(status, lambda: task.mark_completed(force=True)), what=f"mark {status}")
-        self._call(task.close, what="close")
-        self.client.hset(self.keys.state(SINK, run_id), "ended", status)
+    # -- the task -----------------------------------------------------------------------
+
+    def _task(self, run_id: str, session: dict[str, Any] | None) -> TaskHandle | None:
+        """The run's task in this process: known, reopened by id, or created (once) from the session."""
+        if run_id in self.owner.tasks:
+            return self.owner.tasks[run_id]
+        state_key = self.keys.state(SINK, run_id)
+        task_id, ready, creating = self.client.hmget(state_key, "task_id", "task_ready", "creating")
+        if task_id and ready and not offline():
+            from clearml import Task
+
+            task = self._call(run_id, "get_task", lambda: Task.get_task(task_id=task_id.decode()))
+            self.owner.tasks[run_id] = TaskHandle(task)
+            return self.owner.tasks[run_id]
+        if session is None:
+            raw = self.client.hget(state_key, "session")
+            session = orjson.loads(raw) if raw else None
+            if session is None:
+                return None
+        if creating and creating.decode() != self.owner.token and self.owner.alive(creating):
+            raise ClearmlBusy(f"another worker is creating the ClearML task of run {run_id}")
+        self.client.hset(state_key, mapping={"creating": self.owner.token, "session": orjson.dumps(session)})
+        self._call(run_id, "task create", lambda: self._create_task(run_id, session, task_id))
+        return self.owner.tasks[run_id]
+
+    def _create_task(self, run_id: str, session: dict[str, Any], task_id: bytes | None) -> None:
+        """Runs in the call's thread: when it finishes, even after its caller gave up, the task
+        id is stored at once, so a later attempt reopens this task instead of making another."""
+        from clearml import Task
+
+        state_key = self.keys.state(SINK, run_id)
+        if offline():
+            Task.set_offline(True)
+        if task_id and not offline():  # created before, but its set-up did not finish
+            task = Task.get_task(task_id=task_id.decode())
+        else:
+            if task_id:
+                log.warning("run %s: offline tasks cannot be reopened; a new offline session continues it", run_id)
+            task = Task._create(
+                project_name=task_project(session),
+                task_name=task_name(session, run_id),
+                task_type=Task.TaskTypes.training,
+            )
+            self.client.hset(state_key, "task_id", task.id)
+        if not offline():  # models go to the files server (CLEARML_FILES_HOST)
+            task.output_uri = True
+        task.connect(dict(session.get("args") or {}), name="General")
+        task.add_tags(task_tags(session, run_id))
+        self.client.hset(state_key, mapping={"task_ready": 1, "name": task_name(session, run_id)})
+        self.client.hdel(state_key, "creating")
+        self.owner.tasks[run_id] = TaskHandle(task)
+        log.info("upload sink=clearml run=%s kind=task outcome=ok task=%s", run_id, task.id)
+
+    def _reopen(self, run_id: str) -> None:
+        """Events after the task was closed: the run was resumed. Its task takes reports again."""
+        state_key = self.keys.state(SINK, run_id)
+        self.client.hdel(state_key, "ended", "end_seq", "silent_since")
+        self.owner.forget(run_id)
+        if offline():
+            self.client.hdel(state_key, "task_ready")  # a new offline session
+            return
+        handle = self._task(run_id, None)
+        if handle is not None:
+            self._call(run_id, "mark started", lambda: handle.task.mark_started(force=True))
+        log.info("upload sink=clearml run=%s kind=status outcome=ok status=reopened", run_id)
+
+    def _end(self, run_id: str, seq: int, status: str, reason: str | None = None) -> float | None:
+        """Close the task once everything before the end was sent: the SDK's queues and files too."""
+        if self._busy_before(run_id, seq):
+            return POLL_S
+        handle = self._task(run_id, None)
+        if handle is not None:
+            task = handle.task
+            mark = {
+                "failed": lambda: task.mark_failed(status_reason=reason or "failed", force=True),
+                "stopped": lambda: task.mark_stopped(force=True, status_message=reason or "stopped"),
+            }.get(status, lambda: task.mark_completed(force=True))
+
+            def close() -> None:
+                mark()
+                task.close()
+
+            self._call(run_id, f"mark {status}", close)
+        pipe = self.client.pipeline()
+        pipe.hset(self.keys.state(SINK, run_id), mapping={"ended": status, "end_seq": seq})
+        pipe.zremrangebyscore(self._key(run_id, "events"), seq, seq)
+        pipe.execute()
+        self.owner.forget(run_id)
         log.info("upload sink=clearml run=%s kind=status outcome=ok status=%s", run_id, status)
+        return None
+
+    def _busy_before(self, run_id: str, seq: int) -> bool:
+        """Something of the run before ``seq`` is still unreported, unsent or awaited."""
+        if self.client.hlen(self._key(run_id, "handed")) or self.client.hlen(self._key(run_id, "files")):
+            return True
+        first = self.client.zrange(self._key(run_id, "events"), 0, 0, withscores=True)
+        if first and first[0][1] < seq:
+            return True
+        self._expire_media(run_id)  # the run is over: what is there now is all there will be
+        return bool(self.client.hlen(self._key(run_id, "media")) or self.client.hlen(self._key(run_id, "files")))
+
+    def _closed(self, run_id: str) -> bool:
+        return bool(self.client.hget(self.keys.state(SINK, run_id), "ended"))
 
     # -- media: files that may appear late ---------------------------------------------------
 
-    def _report_media(self, run_id: str) -> float | None:
-        key = self.keys.pending(SINK, run_id, "media")
+    def _discover_media(self, run_id: str) -> float | None:
+        """Turn media events into file units, one per (title, series, iteration), as files appear."""
+        key = self._key(run_id, "media")
         waits = []
         for seq, raw in self.client.hgetall(key).items():
             media = orjson.loads(raw)
-            task = self.process.tasks.get(run_id)
-            if task is None:
-                return 1.0
-            found = self._media_files(run_id, media)
+            found, complete = self._media_files(run_id, media)
+            units = {}
             for path in found:
-                if path.name not in media["done"]:
-                    self._report_file(task, media, path)
-                    media["done"].append(path.name)
-            expired = time.time() - media["recorded"] >= MEDIA_WAIT_S
-            if expired or _complete(media, found):
+                unit, entry = file_unit(media, path)
+                units[unit] = orjson.dumps(entry)
+            if units:
+                done = self.client.smismember(self._key(run_id, "files_done"), list(units))
+                pipe = self.client.pipeline(transaction=False)
+                for (unit, entry), is_done in zip(units.items(), done, strict=True):
+                    if not is_done:
+                        pipe.hsetnx(self._key(run_id, "files"), unit, entry)
+                pipe.execute()
+            if complete or time.time() - media["recorded"] >= MEDIA_WAIT_S:
                 if not found and not media.get("refused"):
                     self.runs.dead_letter(
                         f"{media['title']}: no file matching {_wanted(media)} appeared within {MEDIA_WAIT_S:.0f} s",
@@ -290,133 +433,228 @@ class ClearmlSink:
                     )
                 self.client.hdel(key, seq)
             else:
-                self.client.hset(key, seq, orjson.dumps(media))
-                waits.append(MEDIA_POLL_S)
+                if media.get("refused"):
+                    self.client.hset(key, seq, orjson.dumps(media))
+                waits.append(POLL_S * 5)
         return min(waits) if waits else None
 
-    def _flush_media(self, run_id: str) -> None:
-        """At the end of the run: report what is there now, give up on the rest."""
-        key = self.keys.pending(SINK, run_id, "media")
+    def _expire_media(self, run_id: str) -> None:
+        """Report what is there now, give up on the rest (the run ended)."""
+        key = self._key(run_id, "media")
         for seq, raw in self.client.hgetall(key).items():
-            media = orjson.loads(raw)
-            media["recorded"] = 0.0
-            self.client.hset(key, seq, orjson.dumps(media))
-        self._report_media(run_id)
+            self.client.hset(key, seq, orjson.dumps({**orjson.loads(raw), "recorded": 0.0}))
+        self._discover_media(run_id)
 
-    def _media_files(self, run_id: str, media: dict[str, Any]) -> list[Path]:
-        candidates = [Path(p) for p in media.get("paths") or []]
+    def _media_files(self, run_id: str, media: dict[str, Any]) -> tuple[list[str], bool]:
+        """(files present, whether every named file is accounted for) for one media event."""
+        roots = self.settings.file_roots
+        wanted = list(media.get("paths") or [])
         directory = media.get("dir")
         if directory:
-            base = Path(directory)
-            candidates += [base / n for n in media.get("names") or []]
-            if media.get("pattern"):
-                try:
-                    base = allowed_dir(base, self.settings.file_roots)
-                    candidates += sorted(base.glob(media["pattern"]))
-                except FileRefused as exc:
-                    self._refuse(run_id, media, base, exc)
-                    media["recorded"] = 0.0
-        found = []
-        for path in candidates:
-            if str(path) in media.get("refused", ()):
+            wanted += [str(Path(directory) / n) for n in media.get("names") or []]
+        refused = set(media.get("refused") or ())
+        found: list[str] = []
+        if directory and media.get("pattern") and directory not in refused:
+            try:
+                found += list_dir(directory, media["pattern"], roots)
+            except FileMissing:
+                pass
+            except FileRefused as exc:
+                self._refuse(run_id, media, directory, exc)
+        for path in wanted:
+            if path in refused:
                 continue
             try:
-                found.append(allowed_path(path, self.settings.file_roots))
+                with open_file(path, roots) as file:
+                    if not file.still_being_written():
+                        found.append(path)
             except FileMissing:
                 continue  # not written yet: waited for until MEDIA_WAIT_S
             except FileRefused as exc:
                 self._refuse(run_id, media, path, exc)
-        return list(dict.fromkeys(found))
+        found = [p for p in dict.fromkeys(found) if p not in set(media.get("refused") or ())]
+        complete = not media.get("pattern") and len(set(found) | set(media.get("refused") or ())) >= len(wanted) > 0
+        return found, complete
 
-    def _refuse(self, run_id: str, media: dict[str, Any], path: Path, exc: FileRefused) -> None:
-        """A file or directory that will never do (outside the roots, not a file): said once."""
+    def _refuse(self, run_id: str, media: dict[str, Any], path: str, exc: FileRefused) -> None:
+        """A file or directory that will never do (outside the roots, a link, not a file): said once."""
         self.runs.dead_letter(f"{media['title']}: {exc}", run_id=run_id)
-        media.setdefault("refused", []).append(str(path))
+        media.setdefault("refused", []).append(path)
 
-    def _report_file(self, task: Any, media: dict[str, Any], path: Path) -> None:
-        logger = task.get_logger()
-        if media.get("kind") == "plot":
-            logger._report_image_plot_and_upload(title=path.stem, series="", path=str(path), iteration=0)
-            return
-        match = BATCH_IN_NAME.search(path.name)
-        iteration = int(match.group(1)) if match else (media.get("iteration") or 0)
-        series = path.name.replace(match.group(), "") if match else path.name
-        logger.report_image(
-            title=media.get("title") or "Debug", series=series, local_path=str(path), iteration=iteration
-        )
-
-    # -- flushing, ending -------------------------------------------------------------------
-
-    def _flush(self, run_id: str) -> float | None:
-        """Once the SDK delivered what was reported, count those seqs as done."""
-        inflight = self.process.inflight.get(run_id)
-        task = self.process.tasks.get(run_id)
-        if not inflight or task is None:
+    def _report_files(self, run_id: str) -> float | None:
+        """Report the file units not handed to a live worker: a private copy each, then the SDK."""
+        files = self.client.hgetall(self._key(run_id, "files"))
+        if not files:
             return None
-        if not self.client.hget(self.keys.state(SINK, run_id), "ended"):
-            self._send_reports(task)
-        top = max(inflight)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hset(self.keys.state(SINK, run_id), "done_seq", top)
-        pipe.hincrby(self.keys.state(SINK, run_id), "reported", len(inflight))
-        pipe.zremrangebyscore(self.keys.pending(SINK, run_id, "events"), "-inf", top)
+        handed = self.client.hgetall(self._key(run_id, "handed"))
+        alive = _Memo(self.owner.alive)
+        todo = {
+            unit.decode(): orjson.loads(raw)
+            for unit, raw in files.items()
+            if (owner := handed.get(b"f" + unit)) is None or not alive(owner)
+        }
+        if not todo:
+            return None
+        handle = self._task(run_id, None)
+        if handle is None:
+            return 1.0
+        copies: dict[str, Path] = {}
+        for unit, entry in todo.items():
+            try:
+                with open_file(entry["path"], self.settings.file_roots) as file:
+                    copies[unit] = file.copy_into(self.copies)
+            except FileRefused as exc:
+                self.runs.dead_letter(f"{entry['title']}: {exc}", run_id=run_id)
+                self._done(run_id, [f"f{unit}"])
+        if not copies:
+            return None
+        units = [f"f{u}" for u in copies]
+        self._hand(run_id, units)
+
+        def report() -> None:
+            logger = handle.task.get_logger()
+            with self._unhand_unreported(run_id, units):
+                self._report_copies(run_id, logger, todo, copies)
+            handle.task.flush(wait_for_uploads=False)
+
+        self._call(run_id, "report files", report)
+        return None
+
+    def _report_copies(self, run_id: str, logger: Any, todo: dict[str, Any], copies: dict[str, Path]) -> None:
+        for unit, copy in copies.items():
+            entry = todo[unit]
+            if entry["plot"]:
+                logger._report_image_plot_and_upload(
+                    title=entry["title"],
+                    series=entry["series"],
+                    path=str(copy),
+                    iteration=entry["iteration"],
+                    delete_after_upload=True,
+                )
+            else:
+                logger.report_image(
+                    title=entry["title"],
+                    series=entry["series"],
+                    local_path=str(copy),
+                    iteration=entry["iteration"],
+                    delete_after_upload=True,
+                )
+            self.owner.handed(run_id, f"f{unit}")
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    @property
+    def copies(self) -> Path:
+        """Where this process keeps the checked copies it hands to the SDK (only it writes there)."""
+        global _COPIES
+        if _COPIES is None or not _COPIES.is_dir():
+            _COPIES = private_dir("trainbus-clearml-")
+        return _COPIES
+
+    def _confirm(self, run_id: str, units: list[str]) -> None:
+        """The SDK sent these units: they are done (called by the owner's thread)."""
+        events = [int(u[1:]) for u in units if u.startswith("e")]
+        files = [u[1:] for u in units if u.startswith("f")]
+        self._done(run_id, units, events=events, files=files)
+        if events:
+            self.runs.counters.upload(SINK, "events", "ok", len(events))
+
+    def _done(
+        self, run_id: str, units: list[str], *, events: list[int] | None = None, files: list[str] | None = None
+    ) -> None:
+        events = [int(u[1:]) for u in units if u.startswith("e")] if events is None else events
+        files = [u[1:] for u in units if u.startswith("f")] if files is None else files
+        pipe = self.client.pipeline()
+        pipe.hdel(self._key(run_id, "handed"), *units)
+        for seq in events:
+            pipe.zremrangebyscore(self._key(run_id, "events"), seq, seq)
+        if files:
+            pipe.hdel(self._key(run_id, "files"), *files)
+            pipe.sadd(self._key(run_id, "files_done"), *files)
+        pipe.hincrby(self.keys.state(SINK, run_id), "reported", len(events))
         pipe.execute()
-        self.runs.counters.upload(SINK, "events", "ok", len(inflight))
-        inflight.clear()
-        return 0.0 if self.client.zcard(self.keys.pending(SINK, run_id, "events")) else None
-
-    def _send_reports(self, task: Any) -> None:
-        """Have the SDK send what was reported; wait until it has, at most clearml_timeout_s.
-
-        Not ``task.flush(wait_for_uploads=True)``: after 10 s of waiting, that call sends the
-        pending events from the caller's thread, beside the SDK's own thread that is still
-        retrying the same list, and the server gets them twice (clearml 2.1,
-        ``reporter.py: wait_for_events``; the soak run found it). Here only the SDK's thread
-        sends; this one watches its queue, which the SDK offers only privately.
-        """
-        from clearml.backend_interface.model import Model as BackendModel
-
-        reporter = task._reporter
-        self._call(lambda: task.flush(wait_for_uploads=False), what="flush")  # wakes the SDK's thread
-        deadline = time.monotonic() + self.settings.clearml_timeout_s
-        while reporter.events_waiting() or BackendModel.get_num_results() > 0:
-            if time.monotonic() > deadline:
-                raise ClearmlTimeout(f"ClearML did not take the reports within {self.settings.clearml_timeout_s:.0f} s")
-            time.sleep(SEND_POLL_S)
 
     def _finished(self, run_id: str) -> bool:
-        state = self.client.hmget(self.keys.state(SINK, run_id), "ended")
-        return bool(state[0]) and not self.client.hlen(self.keys.pending(SINK, run_id, "media"))
+        if not self._closed(run_id):
+            return False
+        return not any(self.client.exists(self._key(run_id, kind)) for kind in ("events", "media", "files", "handed"))
 
     def _silence_wait(self, run_id: str) -> float | None:
-        """Nothing to do: keep the run while its producer lives; a dead producer's task is stopped."""
+        """Nothing to do: keep the run while its producer lives; a dead producer's task is stopped.
+
+        Silence is counted from when this sink first saw the producer's liveness key gone, so
+        a Redis outage (no key, no events) does not count against a producer cut off by it.
+        """
+        state_key = self.keys.state(SINK, run_id)
+        if self._closed(run_id):
+            return float(LIVENESS_TTL_S)
         if self.client.exists(self.keys.alive(run_id)):
+            self.client.hdel(state_key, "silent_since")
             return float(LIVENESS_TTL_S)
-        last = float(self.client.hget(self.keys.state(SINK, run_id), "last_event_ts") or 0)
-        task = self.process.tasks.get(run_id)
-        if time.time() - last < SILENCE_STOP_S:
+        self.client.hsetnx(state_key, "silent_since", repr(time.time()))
+        silent_since, last = self.client.hmget(state_key, "silent_since", "last_event_ts")
+        now = time.time()
+        if min(now - float(silent_since or now), now - float(last or 0)) < SILENCE_STOP_S:
             return float(LIVENESS_TTL_S)
-        if task is not None:
-            self._end_task(run_id, task, "stopped", "the training process went silent")
-            self.process.tasks.pop(run_id, None)
-        self.runs.finish(run_id, KINDS)
-        return None
+        return self._end(run_id, self.runs.recorded_below(run_id) - 1, "stopped", "the training process went silent")
+
+
+_COPIES: Path | None = None
+
+
+class _Memo:
+    """One answer per owner token within a drain (each is a Redis round trip)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn, self.seen = fn, {}
+
+    def __call__(self, token: bytes) -> bool:
+        if token not in self.seen:
+            self.seen[token] = self.fn(token)
+        return self.seen[token]
+
+
+def task_project(session: dict[str, Any]) -> str:
+    """Ultralytics: ``str(args.project or "Ultralytics").lstrip("/") or "Ultralytics"``."""
+    fallback = "Ultralytics" if session.get("framework") == "ultralytics" else "trainbus"
+    project = session.get("project") or (session.get("args") or {}).get("project")
+    return str(project or fallback).lstrip("/") or fallback
+
+
+def task_name(session: dict[str, Any], run_id: str) -> str:
+    return str(session.get("name") or (session.get("args") or {}).get("name") or run_id)
+
+
+def task_tags(session: dict[str, Any], run_id: str) -> list[str]:
+    tags = ["Ultralytics"] if session.get("framework") == "ultralytics" else []
+    return [*tags, "trainbus", f"run:{run_id}"]
+
+
+def file_unit(media: dict[str, Any], path: str) -> tuple[str, dict[str, Any]]:
+    """A file's identity in ClearML (title, series, iteration) and what reporting it needs."""
+    name = Path(path).name
+    if media.get("kind") == "plot":
+        title, series, iteration, plot = Path(path).stem, PLOT_SERIES, 0, True
+    else:
+        match = BATCH_IN_NAME.search(name)
+        title = media.get("title") or "Debug Samples"
+        series = name.replace(match.group(), "") if match else name
+        iteration = int(match.group(1)) if match else (media.get("iteration") or 0)
+        plot = False
+    entry = {"title": title, "series": series, "iteration": iteration, "path": path, "plot": plot}
+    return f"{'p' if plot else 'd'}|{title}|{series}|{iteration}", entry
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _numbers(values: Any) -> list[tuple[str, float]]:
     """(name, value) pairs worth reporting: numbers only (NaN arrives as null and is skipped)."""
     if not isinstance(values, dict):
         return []
-    return [(str(k), float(v)) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return [(str(k), float(v)) for k, v in values.items() if _is_number(v)]
 
 
 def _wanted(media: dict[str, Any]) -> str:
     return str(media.get("pattern") or media.get("names") or media.get("paths"))
-
-
-def _complete(media: dict[str, Any], found: list[Path]) -> bool:
-    """Named files are all there (a glob can always grow, so it waits out its window)."""
-    if media.get("pattern"):
-        return False
-    wanted = len(media.get("names") or []) + len(media.get("paths") or [])
-    return len(found) + len(media.get("refused") or []) >= wanted > 0

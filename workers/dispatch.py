@@ -24,7 +24,7 @@ import redis
 
 from shared.backoff import compute_backoff
 from shared.errors import InvalidEvent
-from shared.events import decode_event
+from shared.events import MAX_SEQ_AHEAD, Event, decode_event
 from shared.keys import Keys
 from shared.settings import WorkerSettings, redact_url
 from workers.drain_job import enqueue_drain, make_sink
@@ -139,15 +139,32 @@ class Dispatcher:
     def _handle(self, sink: str, entries: list) -> None:
         if not entries:
             return
-        runs: set[str] = set()
-        pipe = self.client.pipeline(transaction=False)
+        decoded: list[tuple[bytes, Event | InvalidEvent]] = []
         for entry_id, fields in entries:
             raw = fields.get(b"event", b"")
             try:
-                event = decode_event(raw)
+                decoded.append((entry_id, decode_event(raw)))
             except InvalidEvent as exc:
                 self.dead[sink].dead_letter(exc.reason, entry_id=entry_id, raw=raw[:RAW_KEEP_BYTES])
                 self.stats.dead_letters += 1
+                decoded.append((entry_id, exc))
+        pushed = self._pushed({e.run_id for _, e in decoded if e.run_id is not None})
+        runs: set[str] = set()
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id, event in decoded:
+            if event.run_id is None or event.seq is None:
+                continue
+            if event.seq > pushed[event.run_id] + MAX_SEQ_AHEAD:
+                if isinstance(event, Event):
+                    reason = (
+                        f"seq {event.seq} of run {event.run_id} is more than {MAX_SEQ_AHEAD} past the last seq "
+                        f"its producer pushed ({pushed[event.run_id]}): not recorded, to keep per-run state bounded"
+                    )
+                    self.dead[sink].dead_letter(reason, entry_id=entry_id, run_id=event.run_id, seq=event.seq)
+                    self.stats.dead_letters += 1
+                continue
+            if isinstance(event, InvalidEvent):
+                self.dead[sink].mark_seen_only(pipe, event.run_id, event.seq)  # nothing waits for this seq
                 continue
             self.sinks[sink].record(pipe, event)
             runs.add(event.run_id)
@@ -158,6 +175,14 @@ class Dispatcher:
         self.client.xack(self.keys.events, sink, *[entry_id for entry_id, _ in entries])
         self.counters.dispatched(sink, len(entries))
         self.stats.entries += len(entries)
+
+    def _pushed(self, runs: set[str]) -> dict[str, int]:
+        """The last seq each run's producer pushed (-1 if unknown): no real entry is past it."""
+        ordered = sorted(runs)
+        pipe = self.client.pipeline(transaction=False)
+        for run_id in ordered:
+            pipe.hget(self.keys.producer(run_id), "pushed")
+        return {run_id: int(v or -1) for run_id, v in zip(ordered, pipe.execute(), strict=True)}
 
     def _enqueue_due(self, now: float) -> None:
         for sink in self.sinks:

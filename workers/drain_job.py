@@ -20,9 +20,10 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from shared.backoff import compute_backoff
 from shared.keys import Keys
 from shared.settings import WorkerSettings
-from workers.sink import Sink
+from workers.sink import Sink, SinkRefused
 from workers.telemetry import Counters
 
 log = logging.getLogger("trainbus.drain_job")
@@ -117,7 +118,17 @@ def drain(sink: str, run_id: str) -> str:
         queue = queue_for(client, keys, sink)
         deadline = time.monotonic() + JOB_BUDGET_S
         while True:
-            wait = target.drain(run_id)
+            try:
+                wait = target.drain(run_id)
+            except SinkRefused:
+                raise  # needs a person: the job goes to the failed registry (`trainbus failed`)
+            except redis.RedisError:
+                raise  # the worker waits for Redis; the sweep enqueues the run again
+            except Exception as exc:  # a bug or an error nobody foresaw: retried with backoff, shown in status
+                wait = _unexpected(client, keys, sink, run_id, exc)
+                schedule(client, keys, sink, run_id, time.time() + wait)
+                return f"unexpected error; retry in {wait:.1f} s"
+            client.hdel(keys.state(sink, run_id), "error", "errors")
             if wait is None:
                 return "done"
             if wait > INLINE_WAIT_S or time.monotonic() + wait > deadline or queue.count:
@@ -127,6 +138,19 @@ def drain(sink: str, run_id: str) -> str:
             time.sleep(min(wait, POLL_S))
     finally:
         lock.release()
+
+
+def _unexpected(client: redis.Redis, keys: Keys, sink: str, run_id: str, exc: Exception) -> float:
+    """Record an unforeseen failure of a drain and return the backoff before the next try."""
+    state = keys.state(sink, run_id)
+    attempt = client.hincrby(state, "errors", 1)
+    client.hset(state, "error", f"{exc.__class__.__name__}: {exc}"[:500])
+    Counters(client, keys).upload(sink, "drain", "error")
+    delay = compute_backoff(attempt - 1, base=1.0, cap=300.0)
+    log.exception(
+        "drain sink=%s run=%s failed unexpectedly (attempt %d); retry in %.1f s", sink, run_id, attempt, delay
+    )
+    return delay
 
 
 def make_sink(name: str, client: redis.Redis, keys: Keys, settings: WorkerSettings) -> Sink:

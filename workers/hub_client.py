@@ -8,16 +8,17 @@ and a message that says what to fix. Checkpoint files are streamed, never read w
 from __future__ import annotations
 
 import email.utils
-import os
 import platform
 import time
 import uuid
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, BinaryIO
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import orjson
 import requests
+
+from shared.errors import TrainbusError
+from workers.files import OpenedFile
 
 CONNECT_TIMEOUT_S = 10
 UPLOAD_TIMEOUT_FACTOR = 10  # the server may take a while to store a large file
@@ -32,7 +33,7 @@ FIX_HINTS = {
 }
 
 
-class HubError(Exception):
+class HubError(TrainbusError):
     """A HUB request failed. ``retryable`` says whether trying again later can help."""
 
     def __init__(self, message: str, *, status: int | None, retryable: bool, retry_after: float | None = None) -> None:
@@ -70,29 +71,33 @@ class HubClient:
     def upload_checkpoint(
         self,
         model_id: str,
-        path: Path,
+        file: OpenedFile,
+        sha256: str,
         *,
         epoch: int,
         is_best: bool = False,
         final: bool = False,
         map50_95: float | None = None,
     ) -> None:
-        """``POST /v1/models/{id}/upload``: multipart, the file part named last.pt or best.pt."""
+        """``POST /v1/models/{id}/upload``: multipart, the file part named last.pt or best.pt.
+
+        The bytes come from the open descriptor and are hashed as they go: if they are not
+        ``sha256``, :class:`~workers.files.FileRefused` aborts the body before its end.
+        """
         if final:
             fields = {"epoch": str(epoch), "type": "final", "map": str(map50_95 or 0.0)}
             part = "best.pt"
         else:
             fields = {"epoch": str(epoch), "type": "epoch", "isBest": str(bool(is_best))}
             part = "last.pt"
-        with open(path, "rb") as f:
-            body = MultipartStream(fields, part, f, os.fstat(f.fileno()).st_size)
-            self._request(
-                "POST",
-                f"/v1/models/{model_id}/upload",
-                data=body,
-                headers={"Content-Type": body.content_type, "Content-Length": str(len(body))},
-                timeout=(CONNECT_TIMEOUT_S, self.timeout_s * UPLOAD_TIMEOUT_FACTOR),
-            )
+        body = MultipartStream(fields, part, file.chunks(sha256), file.size)
+        self._request(
+            "POST",
+            f"/v1/models/{model_id}/upload",
+            data=body,
+            headers={"Content-Type": body.content_type, "Content-Length": str(len(body))},
+            timeout=(CONNECT_TIMEOUT_S, self.timeout_s * UPLOAD_TIMEOUT_FACTOR),
+        )
 
     def heartbeat(self, model_id: str, agent_id: str | None) -> str | None:
         """``POST /v1/agent/heartbeat/models/{id}``; returns the agentId to send from now on."""
@@ -109,19 +114,22 @@ class HubClient:
             response = self.session.request(
                 method, url, timeout=timeout or (CONNECT_TIMEOUT_S, self.timeout_s), **kwargs
             )
+            content = response.content  # read here: a body cut off midway is a transport failure too
         except requests.Timeout as exc:
             raise HubError(
                 f"{method} {path}: HUB did not answer in time ({exc.__class__.__name__})", status=None, retryable=True
             ) from None
-        except requests.ConnectionError as exc:
+        except requests.RequestException as exc:  # refused, reset, cut off mid-body, bad chunking, ...
             raise HubError(
-                f"{method} {path}: cannot reach HUB at {self.base_url} ({_short(exc)})", status=None, retryable=True
+                f"{method} {path}: cannot reach HUB at {self.base_url} ({exc.__class__.__name__}: {_short(exc)})",
+                status=None,
+                retryable=True,
             ) from None
         if response.status_code >= 400:
             raise _error(method, path, response)
         try:
-            return response.json() if response.content else {}
-        except ValueError:
+            return orjson.loads(content) if content else {}
+        except orjson.JSONDecodeError:
             return {}
 
 
@@ -170,7 +178,7 @@ class MultipartStream:
     in 1 MiB chunks instead of being loaded into memory.
     """
 
-    def __init__(self, fields: Mapping[str, str], part: str, file: BinaryIO, size: int) -> None:
+    def __init__(self, fields: Mapping[str, str], part: str, file: Iterator[bytes], size: int) -> None:
         boundary = uuid.uuid4().hex
         self.content_type = f"multipart/form-data; boundary={boundary}"
         head = b"".join(
@@ -181,7 +189,7 @@ class MultipartStream:
             f'--{boundary}\r\nContent-Disposition: form-data; name="{part}"; filename="{part}"\r\n'
             "Content-Type: application/octet-stream\r\n\r\n"
         ).encode()
-        self._parts: list[bytes | BinaryIO] = [head, file, f"\r\n--{boundary}--\r\n".encode()]
+        self._parts: list[bytes | Iterator[bytes]] = [head, file, f"\r\n--{boundary}--\r\n".encode()]
         self._length = len(head) + size + len(self._parts[2])  # type: ignore[arg-type]
         self._buffer = b""
 
@@ -196,10 +204,10 @@ class MultipartStream:
                 self._buffer += part
                 self._parts.pop(0)
                 continue
-            chunk = part.read(size)
-            if chunk:
-                self._buffer += chunk
-            else:
+            chunk = next(part, None)
+            if chunk is None:
                 self._parts.pop(0)
+            else:
+                self._buffer += chunk
         out, self._buffer = self._buffer[:size], self._buffer[size:]
         return out

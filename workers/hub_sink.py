@@ -25,10 +25,10 @@ from shared.backoff import compute_backoff
 from shared.events import Event, EventType
 from shared.keys import Keys
 from shared.settings import WorkerSettings
-from workers.files import FileRefused, verified_checkpoint
+from workers.files import FileRefused, open_file
 from workers.hub_client import HubClient, HubError
 from workers.rate_limit import RateLimiter
-from workers.sink import RunState
+from workers.sink import RunState, SinkRefused
 
 log = logging.getLogger("trainbus.hub")
 
@@ -38,7 +38,7 @@ FINAL_GAP_WAIT_S = 60.0  # after this, a final goes out even if an earlier seq n
 FINAL_RETRY_S = 0.5
 
 
-class HubUploadFailed(Exception):
+class HubUploadFailed(SinkRefused):
     """HUB refused a request in a way retrying cannot fix; the run is blocked until requeued."""
 
 
@@ -174,19 +174,12 @@ class HubSink:
             self.client.hincrby(state_key, "ckpt_superseded", 1)
             self.runs.remove_if_same(key, {"data": pending})
             return None
-        path = self._verified(run_id, payload)
-        if path is not None:
-            ok, _ = self._call(
-                run_id,
-                "ckpt",
-                self.hub.upload_checkpoint,
-                model_id,
-                path,
-                epoch=payload["epoch"],
-                is_best=bool(payload.get("is_best")),
-            )
-            if not ok:
-                return self.limits.wait(state_key, "ckpt")
+        uploaded = self._upload_file(
+            run_id, "ckpt", payload, model_id, epoch=payload["epoch"], is_best=bool(payload.get("is_best"))
+        )
+        if uploaded is None:
+            return self.limits.wait(state_key, "ckpt")
+        if uploaded:
             self.client.hincrby(state_key, "ckpt_uploads", 1)
             self._observe_latency(key, "ckpt")
             log.info("upload sink=hub run=%s kind=ckpt outcome=ok epoch=%s", run_id, payload["epoch"])
@@ -204,26 +197,18 @@ class HubSink:
             return self.limits.wait(state_key, "metrics") or FINAL_RETRY_S
         now = time.time()
         waited = now - float(recorded_at or now)
-        if not self.runs.contiguous_up_to(run_id, int(seq) - 1) and waited < FINAL_GAP_WAIT_S:
+        if self.runs.recorded_below(run_id) < int(seq) and waited < FINAL_GAP_WAIT_S:
             return FINAL_RETRY_S
         wait = self.limits.wait(state_key, "final")
         if wait:
             return wait
         payload = orjson.loads(pending)
-        path = self._verified(run_id, payload)
-        if path is not None:
-            ok, _ = self._call(
-                run_id,
-                "final",
-                self.hub.upload_checkpoint,
-                model_id,
-                path,
-                epoch=payload["epoch"],
-                final=True,
-                map50_95=payload.get("map50_95"),
-            )
-            if not ok:
-                return self.limits.wait(state_key, "final")
+        uploaded = self._upload_file(
+            run_id, "final", payload, model_id, epoch=payload["epoch"], final=True, map50_95=payload.get("map50_95")
+        )
+        if uploaded is None:
+            return self.limits.wait(state_key, "final")
+        if uploaded:
             log.info("upload sink=hub run=%s kind=final outcome=ok epoch=%s", run_id, payload["epoch"])
             self._observe_latency(key, "final")
         ckpt_key = self.keys.pending(SINK, run_id, "ckpt")
@@ -241,20 +226,33 @@ class HubSink:
         if ts:
             self.runs.counters.latency(SINK, kind, time.time() - float(ts))
 
-    def _verified(self, run_id: str, payload: dict[str, Any]) -> Path | None:
-        """The checkpoint file to upload, or None (dead-lettered) when it cannot be used."""
+    def _upload_file(
+        self, run_id: str, kind: str, payload: dict[str, Any], model_id: str, **fields: Any
+    ) -> bool | None:
+        """Upload the event's snapshot: True when sent, False when it cannot be used (the reason
+        is dead-lettered), None after a retryable failure. The file is opened once, below the
+        roots; its sha256 is checked on that descriptor, and the bytes sent are hashed again."""
         ck = payload.get("checkpoint") or {}
         try:
             if "error" in ck:
                 raise FileRefused(f"the producer could not snapshot it: {ck['error']}")
-            return verified_checkpoint(ck["path"], ck["sha256"], self.settings.file_roots)
-        except (FileRefused, KeyError) as exc:
+            if not isinstance(ck.get("path"), str) or not isinstance(ck.get("sha256"), str):
+                raise FileRefused("the event names no snapshot path and sha256")
+            with open_file(ck["path"], self.settings.file_roots) as file:
+                if file.sha256() != ck["sha256"]:
+                    raise FileRefused(
+                        f"{ck['path']} does not have the sha256 its event recorded: "
+                        "the file changed after its snapshot, so it is not uploaded"
+                    )
+                ok, _ = self._call(run_id, kind, self.hub.upload_checkpoint, model_id, file, ck["sha256"], **fields)
+        except FileRefused as exc:
             self.runs.dead_letter(
                 f"checkpoint of epoch {payload.get('epoch')} not uploaded: {exc}",
                 run_id=run_id,
                 epoch=payload.get("epoch"),
             )
-            return None
+            return False
+        return True if ok else None
 
     def _call(self, run_id: str, kind: str, request: Any, *args: Any, **kwargs: Any) -> tuple[bool, Any]:
         """One HUB request. A retryable failure moves the kind's next slot back (backoff,

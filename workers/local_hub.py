@@ -9,6 +9,7 @@ get), records every request, and injects faults on request through ``/_control``
     POST /_control/faults   {"endpoint": "metrics", "status": 503, "count": 3}
                             {"endpoint": "upload", "status": 429, "retry_after": 2}
                             {"endpoint": "any", "delay": 2.5} / {"hang": 30} / {"reset": true}
+                            {"endpoint": "metrics", "truncate": true}  (headers, then half a body, then close)
     GET  /_control/requests every request by arrival; status "pending" while it is answered
     POST /_control/models   {"id": "..."} registers a model id
     POST /_control/reset    forget requests and faults
@@ -54,6 +55,7 @@ class Fault:
     delay: float = 0.0
     hang: float = 0.0
     reset: bool = False
+    truncate: bool = False
 
 
 @dataclass
@@ -92,7 +94,8 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         arrived = time.time()  # before the body: rate-limit checks compare when requests began
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
         state = self.server.state
         if self.path.startswith("/_control/"):
             return self._control(method, body)
@@ -108,6 +111,11 @@ class HubHandler(BaseHTTPRequestHandler):
             "model": model,
             "status": "pending",  # recorded on arrival: a test can see an upload in progress
         }
+        if len(body) < length:  # the client gave up mid-body: nothing was received
+            record["status"] = "incomplete"
+            self._record(record)
+            self.close_connection = True
+            return None
         if endpoint == "upload":  # what was uploaded is known on arrival, whatever the answer
             fields, files = parse_multipart(self.headers.get("Content-Type", ""), body)
             record["fields"] = fields
@@ -124,6 +132,17 @@ class HubHandler(BaseHTTPRequestHandler):
                 self.request.close()
                 return None
             time.sleep(fault.delay or fault.hang)
+            if fault.truncate:
+                record["status"] = "truncated"
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "100")
+                self.end_headers()
+                self.wfile.write(b'{"data": {')
+                self.wfile.flush()
+                self.close_connection = True
+                self.request.shutdown(socket.SHUT_RDWR)
+                return None
             if fault.status:
                 record["status"] = fault.status
                 headers = {}

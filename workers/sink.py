@@ -5,6 +5,11 @@ A sink keeps per-run state in Redis under ``<ns>:<sink>:<run>:*`` (see ``shared/
 idempotent: a redelivered entry writes the same state again. ``drain`` is called by a
 drain job holding the run's lock; it does what the rate limits allow now and returns the
 seconds until it has more to do, or None when the run needs nothing more.
+
+Which seqs of a run a sink has recorded is kept as a count and a set: every seq below
+``next`` was recorded, and ``ahead`` holds the recorded seqs above it (entries that
+arrived out of order). Both grow only with entries the run really sent, whatever seq an
+entry claims, unlike a bitmap indexed by seq.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any, Protocol
 import orjson
 import redis
 
+from shared.errors import TrainbusError
 from shared.events import Event
 from shared.keys import RUN_STATE_TTL_S, Keys
 from workers.telemetry import Counters
@@ -34,6 +40,30 @@ for i = 1, #ARGV, 2 do
 end
 return removed
 """
+# The start of every script that records an event. KEYS[1]: seen hash, KEYS[2]: ahead zset;
+# ARGV[1]: seq. Leaves ``new`` = true when the seq had not been recorded before.
+SEEN_LUA = """
+local seq = tonumber(ARGV[1])
+local nxt = tonumber(redis.call('HGET', KEYS[1], 'next') or '0')
+local new = seq >= nxt and not redis.call('ZSCORE', KEYS[2], seq)
+if new then
+  if seq == nxt then
+    nxt = nxt + 1
+    while redis.call('ZSCORE', KEYS[2], nxt) do
+      redis.call('ZREM', KEYS[2], nxt)
+      nxt = nxt + 1
+    end
+    redis.call('HSET', KEYS[1], 'next', nxt)
+  else
+    redis.call('ZADD', KEYS[2], seq, seq)
+  end
+end
+"""
+MARK_SEEN = SEEN_LUA + "return new and 1 or 0\n"
+
+
+class SinkRefused(TrainbusError):
+    """A sink's service refused a run for good (bad key, unknown model): blocked until requeued."""
 
 
 class Sink(Protocol):
@@ -45,24 +75,36 @@ class Sink(Protocol):
 
 
 class RunState:
-    """Bookkeeping shared by the sinks: seen seqs, active runs, finishing, dead letters."""
+    """Bookkeeping shared by the sinks: recorded seqs, active runs, finishing, dead letters."""
 
     def __init__(self, client: redis.Redis, keys: Keys, sink: str) -> None:
         self.client = client
         self.keys = keys
         self.sink = sink
         self._hdel_if_same = client.register_script(HDEL_IF_SAME)
+        self._mark_seen = client.register_script(MARK_SEEN)
         self.counters = Counters(client, keys)
 
+    def seen_keys(self, run_id: str) -> list[str]:
+        """KEYS[1:2] of a script that starts with SEEN_LUA."""
+        return [self.keys.seen(self.sink, run_id), self.keys.ahead(self.sink, run_id)]
+
     def mark_seen(self, pipe: redis.client.Pipeline, event: Event) -> None:
-        pipe.setbit(self.keys.seen(self.sink, event.run_id), event.seq, 1)
+        """Record the event's seq (for sinks whose own records are idempotent) and the run as active."""
+        self._mark_seen(keys=self.seen_keys(event.run_id), args=[event.seq], client=pipe)
+        self.mark_active(pipe, event)
+
+    def mark_seen_only(self, pipe: redis.client.Pipeline, run_id: str, seq: int) -> None:
+        """A seq that was dead-lettered: counted as recorded, so nothing waits for it."""
+        self._mark_seen(keys=self.seen_keys(run_id), args=[seq], client=pipe)
+
+    def mark_active(self, pipe: redis.client.Pipeline, event: Event) -> None:
         pipe.sadd(self.keys.active(self.sink), event.run_id)
         pipe.hset(self.keys.state(self.sink, event.run_id), "last_event_ts", repr(event.ts))
 
-    def contiguous_up_to(self, run_id: str, seq: int) -> bool:
-        """True when every seq in 0..seq was recorded (nothing of the run still in flight)."""
-        first_missing = self.client.bitpos(self.keys.seen(self.sink, run_id), 0)
-        return first_missing == -1 or first_missing > seq
+    def recorded_below(self, run_id: str) -> int:
+        """Every seq below this number was recorded: the first one still missing."""
+        return int(self.client.hget(self.keys.seen(self.sink, run_id), "next") or 0)
 
     def remove_if_same(self, key: str, values: dict[str, bytes]) -> int:
         """Delete fields that still hold the values we acted on (newer values stay)."""
@@ -72,14 +114,19 @@ class RunState:
         return int(self._hdel_if_same(keys=[key], args=args)) if args else 0
 
     def finish(self, run_id: str, kinds: tuple[str, ...]) -> None:
-        """The run needs nothing more here: forget it as active, let its state expire."""
+        """The run needs nothing more here: forget it as active, let its state expire.
+
+        ``finished`` in the state tells a training machine that this sink needs none of the
+        run's files any more (its checkpoint snapshots can go).
+        """
         k = self.keys
         pipe = self.client.pipeline(transaction=False)
         pipe.srem(k.active(self.sink), run_id)
         pipe.zrem(k.due(self.sink), run_id)
+        pipe.hset(k.state(self.sink, run_id), "finished", repr(time.time()))
         for key in (
             k.state(self.sink, run_id),
-            k.seen(self.sink, run_id),
+            *self.seen_keys(run_id),
             *(k.pending(self.sink, run_id, kind) for kind in kinds),
         ):
             pipe.expire(key, RUN_STATE_TTL_S)

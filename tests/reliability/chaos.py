@@ -244,7 +244,7 @@ def expected_scalars(intents: list[dict[str, Any]], pause: float) -> Counter:
             want.update((("train", k, e, v) for k, v in i["train"].items()))
             want.update((("lr", k, e, v) for k, v in i["lr"].items()))
         elif i["kind"] == "fit":
-            want.update((("val", k, e, v) for k, v in i["fit"].items()))
+            want.update(((k.split("/")[0], k, e, v) for k, v in i["fit"].items()))  # title: the part before "/"
             want[("Epoch Time", "Epoch Time", e, pause)] += 1
     return want
 
