@@ -133,6 +133,7 @@ class Stack:
             **os.environ,
             "PYTHONPATH": str(ROOT),
             "TRAINBUS_REDIS_URL": redis_url,
+            "RQ_REDIS_URL": redis_url,
             "TRAINBUS_NAMESPACE": self.namespace,
             "TRAINBUS_HUB_API_URL": self.hub.url,
             "TRAINBUS_HUB_API_KEY": API_KEY,
@@ -163,7 +164,7 @@ class Stack:
     def worker(self) -> subprocess.Popen:
         """``rq worker <ns>.hub-uploads`` as documented, named after the namespace (for cleanup)."""
         name = f"{self.namespace}-w{len(self.procs)}"
-        return self._start([*worker_command(self.queue, "hub", self.redis_url), "-n", name], name)
+        return self._start([*worker_command(self.queue, "hub"), "-n", name], name)
 
     def output(self, proc: subprocess.Popen) -> str:
         """What a process of this stack printed (stdout and stderr)."""

@@ -1,9 +1,13 @@
-"""Pushing spools that no training process is pushing any more.
+"""Pushing spools that no training process is pushing any more, and clearing their snapshots.
 
 Three callers: the detached drainer a producer starts at exit when its bounded flush did
-not finish (or at start, for spools a killed process left behind); ``trainbus spool
-replay``; and tests. A run is drained only while nobody else holds its pusher lock, so a
-drainer and a restarted producer of the same run never push at the same time.
+not finish or its run still holds checkpoint snapshots (or at start, for spools a killed
+process left behind); ``trainbus spool replay``; and tests. A run is pushed only by whoever
+holds its pusher lock, so a drainer and a restarted producer of the same run never push at
+the same time; a drainer waits for a lock held by a process that is exiting.
+
+The detached drainer then stays while snapshots in its spool wait for sinks to finish
+their runs (``producers/retention.py``), one such drainer per spool directory.
 
 Run as ``python -m producers.drain`` (what the producer spawns); the Redis URL comes from
 the environment, never the command line, so a password does not show in ``ps``.
@@ -24,16 +28,20 @@ from pathlib import Path
 import redis
 
 from producers.flusher import REDIS_DOWN, Pusher, connect
+from producers.retention import collect
 from producers.snapshot import Snapshotter
-from producers.spool import RunSpool, run_dirs
+from producers.spool import RunLock, RunSpool, run_dirs
 from shared.backoff import compute_backoff
 from shared.keys import Keys
-from shared.settings import redact_url
+from shared.settings import Settings, redact_url
 
 log = logging.getLogger("trainbus.drain")
 
 DRAINER_GIVE_UP_S = 24 * 3600  # the detached drainer stops trying after a day
 DRAIN_LOG = "drain.log"
+JANITOR_LOCK = "janitor.lock"  # held by the one drainer of a spool directory that waits for sinks
+LOCK_POLL_S = 0.2
+COLLECT_POLL_S = 5.0
 
 
 @dataclass
@@ -70,16 +78,14 @@ def drain(
     give_up_after: float = DRAINER_GIVE_UP_S,
     on_progress: Callable[[str, int], None] | None = None,
 ) -> DrainReport:
-    """Push every pending run until done, retrying with backoff while Redis is down.
-
-    Stops early when what is left is being pushed by other processes.
-    """
+    """Push every pending run until done, retrying with backoff while Redis is down and waiting
+    for pusher locks held by other processes. A file error of the spool itself stops it."""
     report = DrainReport()
     client = connect(redis_url)
     deadline = time.monotonic() + give_up_after
     started_with = {r.run_id for r in pending_runs(root, run_ids)}
     attempt = 0
-    while runs := pending_runs(root, run_ids):
+    while (runs := pending_runs(root, run_ids)) and time.monotonic() < deadline:
         locked = 0
         try:
             for run in runs:
@@ -92,22 +98,57 @@ def drain(
                     on_progress(run.run_id, n)
         except REDIS_DOWN as exc:
             report.last_error = f"Redis at {redact_url(redis_url)} unreachable: {exc}"
-            if time.monotonic() >= deadline:
-                break
             time.sleep(min(compute_backoff(attempt, base=0.5, cap=60.0), max(0.0, deadline - time.monotonic())))
             attempt += 1
             continue
-        if locked == len(runs):
-            break  # what is left is being pushed by other processes
+        except OSError as exc:  # the spool's files, not the network: retrying will not help
+            report.last_error = f"cannot read the spool at {root}: {exc}"
+            break
+        attempt = 0
+        if locked:
+            report.last_error = "another process (an exiting training process, or a drainer) is pushing them"
+            time.sleep(min(LOCK_POLL_S, max(0.0, deadline - time.monotonic())))
     left = pending_runs(root, run_ids)
     report.runs_left = [r.run_id for r in left]
     report.runs_done = sorted(started_with - set(report.runs_left))
     return report
 
 
-def spawn_drainer(root: Path, redis_url: str, namespace: str, run_ids: list[str]) -> subprocess.Popen:
+def wait_for_sinks(root: Path, redis_url: str, keys: Keys, retention_s: float, deadline: float) -> None:
+    """Stay (one per spool directory) while snapshots wait for sinks; remove them when they may go."""
+    lock = RunLock(root / JANITOR_LOCK)
+    client = connect(redis_url)
+    attempt = 0
+    while time.monotonic() < deadline:
+        if not lock.acquire():
+            return  # another drainer of this spool does it; it looks at every run
+        try:
+            held = collect(root, client, keys, retention_s)
+            attempt = 0
+        except REDIS_DOWN:
+            held = None
+            attempt += 1
+        if held == []:
+            lock.release()  # then one more look, for a run that became ready just now
+            if not collect(root, client, keys, retention_s) or not lock.acquire():
+                return
+            continue
+        if held:
+            log.info(
+                "snapshots held for %s", ", ".join(f"{h.run_id} (waiting for {','.join(h.waiting_for)})" for h in held)
+            )
+        time.sleep(COLLECT_POLL_S if held else compute_backoff(attempt, base=1.0, cap=60.0))
+    lock.release()
+
+
+def spawn_drainer(root: Path, settings: Settings, run_ids: list[str]) -> subprocess.Popen:
     """Start a detached drainer that outlives this process; its log is in the spool root."""
-    env = dict(os.environ, TRAINBUS_REDIS_URL=redis_url, TRAINBUS_NAMESPACE=namespace)
+    env = dict(
+        os.environ,
+        TRAINBUS_REDIS_URL=settings.redis_url,
+        TRAINBUS_NAMESPACE=settings.namespace,
+        TRAINBUS_SNAPSHOT_RETENTION_H=repr(settings.snapshot_retention_h),
+    )
     root.mkdir(parents=True, exist_ok=True)
     with open(root / DRAIN_LOG, "ab") as logfile:
         return subprocess.Popen(
@@ -125,20 +166,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m producers.drain",
         description="Push spooled trainbus events to Redis, retrying until done "
-        f"(gives up after {DRAINER_GIVE_UP_S // 3600} h). Redis URL from TRAINBUS_REDIS_URL.",
+        f"(gives up after {DRAINER_GIVE_UP_S // 3600} h), then remove checkpoint snapshots once every "
+        "sink is done with them. Redis URL from TRAINBUS_REDIS_URL.",
     )
     parser.add_argument("--spool-dir", type=Path, required=True)
     parser.add_argument("run_ids", nargs="*", help="runs to drain (default: every orphaned run)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s drainer[%(process)d] %(levelname)s %(message)s")
-    from shared.settings import Settings  # the drainer takes the same settings as producers
-
     settings = Settings.from_env(spool_dir=args.spool_dir)
-    report = drain(args.spool_dir, settings.redis_url, Keys(settings.namespace), run_ids=args.run_ids or None)
+    keys = Keys(settings.namespace)
+    deadline = time.monotonic() + DRAINER_GIVE_UP_S
+    report = drain(args.spool_dir, settings.redis_url, keys, run_ids=args.run_ids or None)
     if report.runs_left:
         log.error("gave up; still in the spool: %s (%s)", report.runs_left, report.last_error)
         return 1
     log.info("pushed %d events; spool empty for %s", report.pushed, report.runs_done)
+    wait_for_sinks(args.spool_dir, settings.redis_url, keys, settings.snapshot_retention_s, deadline)
     return 0
 
 

@@ -6,6 +6,13 @@ the XADD are atomic in Redis, pushing a record twice (a lost reply, a replay aft
 adds it once. The :class:`Flusher` is the background thread of a live training process:
 it pushes whenever the hook wakes it, backs off while Redis is unreachable, and refreshes
 the run's liveness key.
+
+Seqs in a spool are the spool's own; the stream's are the run's. They are the same unless
+the run was resumed with another spool (another machine or container, the usual case after
+preemption): its new spool starts again at 0 while Redis already holds the run's pushed
+seqs. The script then continues the run's numbering after what is there (it remembers,
+per spool, the offset and the last record pushed), so a resumed run's events arrive once,
+after the old ones, and a replay of the old spool later lands after them too.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +38,43 @@ log = logging.getLogger("trainbus.flusher")
 BATCH_RECORDS = 256
 SNAPSHOT_TYPES = frozenset({EventType.CHECKPOINT.value, EventType.FINAL.value})
 # Redis cannot take events now (down, restarting, or full under maxmemory): keep them, retry.
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.OutOfMemoryError, OSError)
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.OutOfMemoryError)
 
-# KEYS: stream, producer hash.  ARGV: ttl, then seq, event pairs in seq order.
+# KEYS: stream, producer hash.  ARGV: ttl, spool id, then spool seq, event pairs in order.
+# The hash: pushed = the run's last seq in the stream; spool + offset = the spool pushing now
+# and how its seqs map to the run's; l:<spool> = the last spool seq that spool pushed.
+# Returns the last spool seq of this spool that is in the stream.
 PUSH_SCRIPT = """
 local pushed = tonumber(redis.call('HGET', KEYS[2], 'pushed') or '-1')
-for i = 2, #ARGV, 2 do
-  local seq = tonumber(ARGV[i])
-  if seq > pushed then
-    redis.call('XADD', KEYS[1], '*', 'event', ARGV[i + 1])
+local mine = tonumber(redis.call('HGET', KEYS[2], 'l:' .. ARGV[2]) or '-1')
+local offset = nil
+local owner = redis.call('HGET', KEYS[2], 'spool')
+if owner == ARGV[2] then
+  offset = tonumber(redis.call('HGET', KEYS[2], 'offset') or '0')
+elseif not owner and pushed >= 0 then  -- pushed before spools had ids: the same numbering
+  offset = 0
+  mine = math.max(mine, pushed)
+end
+for i = 3, #ARGV, 2 do
+  local lseq = tonumber(ARGV[i])
+  if lseq > mine then
+    if offset == nil then  -- another spool pushed last (or none did): continue after it
+      offset = pushed + 1 - lseq
+      redis.call('HSET', KEYS[2], 'spool', ARGV[2], 'offset', offset)
+    end
+    local seq = lseq + offset
+    local event = ARGV[i + 1]
+    if offset ~= 0 then
+      event = string.gsub(event, '"seq":%d+', '"seq":' .. seq, 1)
+    end
+    redis.call('XADD', KEYS[1], '*', 'event', event)
     pushed = seq
+    mine = lseq
   end
 end
-redis.call('HSET', KEYS[2], 'pushed', pushed)
+redis.call('HSET', KEYS[2], 'pushed', pushed, 'l:' .. ARGV[2], mine)
 redis.call('EXPIRE', KEYS[2], ARGV[1])
-return pushed
+return mine
 """
 
 
@@ -70,24 +100,25 @@ class Pusher:
         self.keys = keys
         self.snapshots = snapshots
         self.writer = writer
-        self.pushed: int | None = None  # highest seq known to be in the stream
+        self.pushed: int | None = None  # highest spool seq known to be in the stream
         self.waiting_for_snapshot = False
         self._position: Position | None = None
         self._script = client.register_script(PUSH_SCRIPT)
 
-    def push_available(self) -> int:
-        """Push everything readable now; returns how many records were sent.
+    def push_available(self, keep_going: Callable[[], bool] = lambda: True) -> int:
+        """Push everything readable now (or until ``keep_going()`` is false); how many records went.
 
         Raises redis errors when Redis is unreachable; the spool keeps the records.
         """
         sent = 0
-        while (n := self.push_batch()) > 0:
+        while keep_going() and (n := self.push_batch()) > 0:
             sent += n
         return sent
 
     def push_batch(self) -> int:
         if self.pushed is None:
-            self.pushed = int(self.client.hget(self.keys.producer(self.run.run_id), "pushed") or -1)
+            field = f"l:{self.run.spool_id}"
+            self.pushed = int(self.client.hget(self.keys.producer(self.run.run_id), field) or -1)
         while True:
             records = self._next_records()
             if not records:
@@ -98,7 +129,7 @@ class Pusher:
             if self.waiting_for_snapshot:
                 return 0
             # every record read was already in the stream; the position moved past them
-        args: list[Any] = [PUSHED_TTL_S]
+        args: list[Any] = [PUSHED_TTL_S, self.run.spool_id]
         for record, data in batch:
             args += [record.seq, data]
         self.pushed = int(self._script(keys=[self.keys.events, self.keys.producer(self.run.run_id)], args=args))
@@ -116,8 +147,10 @@ class Pusher:
                 return []
             if self._position is None or self._position.segment not in segments:
                 self._position = Position(segments[0], 0)
-            writer = self.writer
-            bound = writer.end if writer is not None and writer.segment == self._position.segment else None
+            bound = None
+            if self.writer is not None:
+                segment, end = self.writer.published  # one read: never one segment's end for another
+                bound = end if segment == self._position.segment else None
             records, end = read_records(self._position.segment, self._position.offset, BATCH_RECORDS, bound)
             if records:
                 return records
@@ -144,7 +177,7 @@ class Pusher:
         """Move past pushed (or skipped) bytes; the writer counts them as freed."""
         assert self._position is not None
         if self.writer is not None:
-            self.writer.released(offset - self._position.offset)
+            self.writer.released(self._position.segment, offset - self._position.offset)
         self._position.offset = offset
 
     def _ready(self, records: list[Record]) -> list[tuple[Record, bytes]]:
@@ -184,9 +217,10 @@ class Pusher:
 class Flusher:
     """The training process's background thread: spool to Redis, and liveness."""
 
-    def __init__(self, pusher: Pusher) -> None:
+    def __init__(self, pusher: Pusher, housekeeping: Callable[[], None] = lambda: None) -> None:
         self.pusher = pusher
         self.run_ended = False
+        self._housekeeping = housekeeping  # once, when the thread starts (off the hook path)
         self._wake = threading.Event()
         self._stop = False
         self._done = threading.Condition()
@@ -194,6 +228,7 @@ class Flusher:
         self._attempt = 0
         self._next_liveness = 0.0
         self._redis_up = True
+        self._spool_error: str | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -219,12 +254,16 @@ class Flusher:
                 self._done.wait(min(remaining, 0.05))
         return self.pusher.pushed is not None and self.pusher.pushed >= seq
 
-    def stop(self) -> None:
+    def stop(self, timeout: float) -> bool:
+        """Stop after the batch in flight; wait at most ``timeout``. False if the thread is still in a
+        Redis call (it holds the pusher lock until it returns or the process exits)."""
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=timeout)
+        return not self._thread.is_alive()
 
     def _loop(self) -> None:
+        self._run_housekeeping()
         lock = self.pusher.run.pusher_lock
         while not self._stop:
             self._wake.wait(timeout=self._idle_timeout())
@@ -234,12 +273,19 @@ class Flusher:
             if not lock.acquire():
                 continue  # a drainer from an earlier process is still pushing this run
             try:
-                self.pusher.push_available()
+                self._refresh_liveness()  # first: a long backlog must not make the producer look dead
+                self.pusher.push_available(lambda: not self._stop)
                 self._refresh_liveness()
                 self._set_redis_up(True)
+                self._spool_ok()
             except REDIS_DOWN as exc:
                 self._set_redis_up(False, exc)
                 self._sleep(compute_backoff(self._attempt, base=0.2, cap=10.0))
+                self._attempt += 1
+                continue
+            except OSError as exc:  # the spool's own files: a disk problem, not the network
+                self._spool_failed(exc)
+                self._sleep(compute_backoff(self._attempt, base=0.5, cap=30.0))
                 self._attempt += 1
                 continue
             except Exception:  # a bug must not kill the thread: log it and keep the spool
@@ -266,6 +312,12 @@ class Flusher:
             client.set(key, b"1", ex=LIVENESS_TTL_S)
             self._next_liveness = now + LIVENESS_REFRESH_S
 
+    def _run_housekeeping(self) -> None:
+        try:
+            self._housekeeping()
+        except Exception:  # housekeeping must never stop the pushing
+            log.warning("spool housekeeping failed", exc_info=True)
+
     def _set_redis_up(self, up: bool, exc: Exception | None = None) -> None:
         if up and not self._redis_up:
             log.warning("run %s: Redis is reachable again; pushing the spool", self.pusher.run.run_id)
@@ -279,6 +331,22 @@ class Flusher:
         self._redis_up = up
         if up:
             self._attempt = 0
+
+    def _spool_failed(self, exc: OSError) -> None:
+        reason = f"{exc.__class__.__name__}: {exc}"
+        if reason != self._spool_error:
+            log.error(
+                "run %s: cannot read the spool at %s (%s); events stay there and pushing is retried",
+                self.pusher.run.run_id,
+                self.pusher.run.dir,
+                reason,
+            )
+        self._spool_error = reason
+
+    def _spool_ok(self) -> None:
+        if self._spool_error is not None:
+            log.warning("run %s: the spool can be read again", self.pusher.run.run_id)
+            self._spool_error = None
 
     def _sleep(self, seconds: float) -> None:
         """Sleep that a stop request interrupts."""

@@ -36,7 +36,7 @@ from typing import Any
 from producers.drain import pending_runs, spawn_drainer
 from producers.flusher import Flusher, Pusher, connect
 from producers.snapshot import Snapshotter, checkpoint_request
-from producers.spool import RunSpool, SpoolWriter
+from producers.spool import RunSpool, SpoolWriter, run_dirs
 from shared.encoding import encode
 from shared.errors import TrainbusError
 from shared.events import KEPT_WHEN_FULL, MAX_EVENT_BYTES, EventType, encode_event
@@ -46,7 +46,8 @@ from shared.settings import SECRET_ENV_VARS, Settings
 
 log = logging.getLogger("trainbus.publisher")
 
-LOCK_ATTEMPTS = 50  # x 20 ms: a drainer's probe of the writer lock is brief
+LOCK_ATTEMPTS = 5  # x 2 ms: a drainer's probe of the writer lock takes microseconds
+SHUTDOWN_GRACE_S = 0.5  # close() waits this much past its flush budget for the threads to stop
 DOWN_EXIT_FLUSH_S = 0.5  # the exit flush when the last push had failed
 MIN_SECRET_LEN = 8
 VERSIONED = ("trainbus", "torch", "ultralytics", "numpy", "redis", "orjson")
@@ -78,19 +79,26 @@ class Publisher:
         self._secrets = _secrets_of(self.settings)
         self.drainer: subprocess.Popen | None = None  # started at close when Redis had not taken everything
 
-        self._run = RunSpool(self.settings.spool_dir, self.run_id)
+        root = self.settings.spool_dir.expanduser()
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._run = RunSpool(root.resolve(), self.run_id)  # real paths: workers compare them with their roots
         self._run.create()
         self._take_writer_lock()
-        self._writer = SpoolWriter(self._run, int(self.settings.spool_max_mb * (1 << 20)))
-        self._snapshots = Snapshotter(self._run.checkpoint_dir)
-        self._client = connect(self.settings.redis_url)
-        pusher = Pusher(self._run, self._client, self.keys, self._snapshots, self._writer)
-        self._flusher = Flusher(pusher)
-        self._snapshots.on_done = self._flusher.wake
-        self._snapshots.start()
-        self._flusher.start()
+        try:
+            self._writer = SpoolWriter(self._run, int(self.settings.spool_max_mb * (1 << 20)))
+            self._snapshots = Snapshotter(self._run.checkpoint_dir)
+            self._client = connect(self.settings.redis_url)
+            pusher = Pusher(self._run, self._client, self.keys, self._snapshots, self._writer)
+            self._flusher = Flusher(pusher, housekeeping=self._hand_off_others)
+            self._snapshots.on_done = self._flusher.wake
+            self._snapshots.start()
+            self._flusher.start()
+        except BaseException:  # nothing half-open stays behind: the next try starts clean
+            if hasattr(self, "_writer"):
+                self._writer.close()
+            self._run.writer_lock.release()
+            raise
         atexit.register(self.close)
-        self._hand_off_orphans()
 
     @property
     def next_seq(self) -> int:
@@ -143,7 +151,20 @@ class Publisher:
             data = encode_event(
                 self.run_id, seq, time.time(), type, {"truncated": True, "bytes": len(data), "keys": keys}
             )
-        if not self._writer.append(seq, type, data, keep_when_full=type in KEPT_WHEN_FULL):
+        try:
+            appended = self._writer.append(seq, type, data, keep_when_full=type in KEPT_WHEN_FULL)
+        except OSError as exc:
+            if not self._dropped:
+                log.error(
+                    "run %s: cannot write the spool at %s (%s): dropping %s events and counting them",
+                    self.run_id,
+                    self._run.dir,
+                    exc.strerror or exc,
+                    type,
+                )
+            self._dropped[type] += 1
+            return None
+        if not appended:
             if not self._dropped:
                 log.warning(
                     "spool of run %s is full (%g MB at %s): dropping %s events and "
@@ -298,22 +319,34 @@ class Publisher:
         return flushed
 
     def _shut_down(self, last: int, flushed: bool, budget: float) -> None:
-        self._flusher.stop()
-        self._snapshots.stop()
+        """Stop the threads within SHUTDOWN_GRACE_S; what is not in Redis goes to a drainer.
+
+        A flusher still inside a Redis call keeps the pusher lock until it returns or this
+        process exits; the drainer waits for that lock, so the hand-over cannot be refused.
+        """
+        stopped = self._flusher.stop(timeout=SHUTDOWN_GRACE_S)
+        self._snapshots.stop(timeout=SHUTDOWN_GRACE_S)  # an unfinished snapshot is made by the drainer
         self._writer.close()
         self._run.writer_lock.release()
         atexit.unregister(self.close)
-        if not flushed:
-            log.warning(
-                "run %s: %d events not in Redis after %.1f s; a drainer process keeps pushing them (log: %s)",
-                self.run_id,
-                last - (self._flusher.pusher.pushed or -1),
-                budget,
-                self.settings.spool_dir / "drain.log",
-            )
+        if flushed and stopped and self._run.pusher_lock.acquire():
+            try:  # retire the last segment now the writer is gone (never beside a drainer)
+                self._flusher.pusher.push_available()
+                flushed = not self._run.segments()
+            except Exception:  # Redis went away just now: the drainer pushes the rest
+                flushed = False
+            finally:
+                self._run.pusher_lock.release()
+        if not flushed or self._run.segments() or _holds_snapshots(self._run):
+            if not flushed:
+                log.warning(
+                    "run %s: %d events not in Redis after %.1f s; a drainer process keeps pushing them (log: %s)",
+                    self.run_id,
+                    last - (self._flusher.pusher.pushed or -1),
+                    budget,
+                    self.settings.spool_dir / "drain.log",
+                )
             self._spawn_drainer([self.run_id])
-        else:
-            self._flusher.pusher.push_available()  # retire the last segment now the writer is gone
 
     def __enter__(self) -> Publisher:
         return self
@@ -329,23 +362,25 @@ class Publisher:
         for _ in range(LOCK_ATTEMPTS):
             if self._run.writer_lock.acquire():
                 return
-            time.sleep(0.02)
+            time.sleep(0.002)
         raise SpoolBusy(
             f"another process is writing run {self.run_id!r} in {self._run.dir}; "
             "use another TRAINBUS_RUN_ID or stop that process"
         )
 
-    def _hand_off_orphans(self) -> None:
-        """Spools left by killed processes: a detached drainer pushes them."""
-        orphans = [r.run_id for r in pending_runs(self.settings.spool_dir) if r.run_id != self.run_id]
+    def _hand_off_others(self) -> None:
+        """Spools left by killed processes, or snapshots waiting for sinks: a detached drainer takes
+        them. Runs once in the flusher thread, off the hook path."""
+        root = self._run.dir.parent
+        orphans = [r.run_id for r in pending_runs(root) if r.run_id != self.run_id]
         if orphans:
             log.warning("spool holds undelivered events of %d earlier run(s); starting a drainer", len(orphans))
+        if orphans or any(r.run_id != self.run_id and _holds_snapshots(r) for r in run_dirs(root)):
             self._spawn_drainer(orphans)
 
     def _spawn_drainer(self, run_ids: list[str]) -> None:
         try:
-            s = self.settings
-            self.drainer = spawn_drainer(s.spool_dir, s.redis_url, s.namespace, run_ids)
+            self.drainer = spawn_drainer(self._run.dir.parent, self.settings, run_ids)
         except OSError as exc:
             log.error("could not start a drainer (%s); run `trainbus spool replay` to push %s", exc, run_ids)
 
@@ -377,6 +412,14 @@ def _secrets_of(settings: Settings) -> tuple[bytes, ...]:
     if settings.hub_model and settings.hub_model.api_key:
         found.append(settings.hub_model.api_key)
     return tuple(encode(s)[1:-1] for s in found if len(s) >= MIN_SECRET_LEN)
+
+
+def _holds_snapshots(run: RunSpool) -> bool:
+    """Checkpoint snapshots (or sidecars, partial copies) are still in the run's directory."""
+    try:
+        return any(os.scandir(run.checkpoint_dir))
+    except FileNotFoundError:
+        return False
 
 
 def _versions() -> dict[str, str]:

@@ -28,13 +28,14 @@ from typing import Any
 import orjson
 
 from shared.checksum import sha256_of
+from shared.errors import TrainbusError
 
 log = logging.getLogger("trainbus.snapshot")
 
 ZIP_MAGIC = b"PK\x03\x04"
 
 
-class SnapshotError(Exception):
+class SnapshotError(TrainbusError):
     """The version the hook saw cannot be captured; the message says why."""
 
 
@@ -125,10 +126,12 @@ class Snapshotter:
             self._queued.add(seq)
         self._queue.put((seq, request))
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop after the snapshot in progress; a copy still running after ``timeout`` is left to
+        the daemon thread (whoever pushes the spool later makes what has no sidecar)."""
         if self._thread is not None:
             self._queue.put(None)
-            self._thread.join()
+            self._thread.join(timeout)
             self._thread = None
 
     def result(self, seq: int, request: dict[str, Any]) -> dict[str, Any] | None:

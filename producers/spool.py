@@ -6,6 +6,7 @@ Layout, under ``TRAINBUS_SPOOL_DIR``::
         writer.lock          held (flock) by the training process while it runs
         pusher.lock          held by whoever pushes this run to Redis (flusher or drainer)
         seq                  last seq of the run once every segment was pushed and removed
+        spool-id             this spool's identity (a resumed run elsewhere has another one)
         000000000000.log     segments named by their first seq, each at most SEGMENT_BYTES
         checkpoints/         snapshots of checkpoint files (see snapshot.py)
 
@@ -18,10 +19,15 @@ Segments are removed once every record in them reached Redis.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import functools
 import logging
 import mmap
 import os
+import secrets
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +95,7 @@ class RunLock:
 
 
 class RunSpool:
-    """One run's directory in the spool: its segments, locks and seq counter."""
+    """One run's directory in the spool: its segments, locks, seq counter and spool id."""
 
     def __init__(self, root: Path, run_id: str) -> None:
         self.run_id = run_id
@@ -98,10 +104,24 @@ class RunSpool:
         self.writer_lock = RunLock(self.dir / "writer.lock")
         self.pusher_lock = RunLock(self.dir / "pusher.lock")
         self._seq_file = self.dir / "seq"
+        self._id_file = self.dir / "spool-id"
 
     def create(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.checkpoint_dir.mkdir(exist_ok=True, mode=0o700)
+
+    @functools.cached_property
+    def spool_id(self) -> str:
+        """This spool's identity, made once: tells a replay of it from a resumed run's new spool."""
+        with contextlib.suppress(FileNotFoundError):
+            if found := self._id_file.read_text().strip():
+                return found
+        tmp = self._id_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(f"{socket.gethostname()}-{secrets.token_hex(8)}\n")
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, self._id_file)  # the first one made wins, even against a racing process
+        tmp.unlink()
+        return self._id_file.read_text().strip()
 
     def segments(self) -> list[Path]:
         """Segment files, oldest first."""
@@ -111,17 +131,12 @@ class RunSpool:
             return []
         return [self.dir / n for n in sorted(names)]
 
+    def backlog(self) -> dict[Path, int]:
+        """Bytes of records in each segment (pushed or not): an upper bound of what is unpushed."""
+        return {segment: records_end(segment) for segment in self.segments()}
+
     def pending_bytes(self) -> int:
-        """Bytes of records in the segments (pushed or not): an upper bound of the backlog."""
-        total = 0
-        for segment in self.segments():
-            offset = 0
-            while True:
-                records, offset = read_records(segment, offset)
-                if not records:
-                    break
-            total += offset
-        return total
+        return sum(self.backlog().values())
 
     def last_seq(self) -> int:
         """The highest seq ever written to this run's spool, or -1."""
@@ -129,12 +144,9 @@ class RunSpool:
         segments = self.segments()
         if segments:
             last = int(segments[-1].stem) - 1
-            offset = 0
-            while True:
-                records, offset = read_records(segments[-1], offset)
-                if not records:
-                    break
-                last = max(last, records[-1].seq)
+            record = last_record(segments[-1])
+            if record is not None:
+                last = max(last, record.seq)
         with contextlib.suppress(FileNotFoundError, ValueError):
             last = max(last, int(self._seq_file.read_text().strip() or -1))
         return last
@@ -155,6 +167,10 @@ class SpoolWriter:
     The newline is stored last, so a reader never takes a half-copied record as whole.
     Preallocating (``posix_fallocate``) means a full disk fails the rotation with ENOSPC
     instead of killing the process with SIGBUS on a page fault.
+
+    What counts against the size limit is kept per segment: bytes appended (by this writer,
+    or found at start, left by an earlier process) minus bytes the pusher released. A
+    segment that disappeared (a drainer delivered and removed it) no longer counts.
     """
 
     def __init__(self, run: RunSpool, max_bytes: int) -> None:
@@ -165,44 +181,74 @@ class SpoolWriter:
         self._map: mmap.mmap | None = None
         self._size = 0
         self.end = 0  # offset just past the last record in the current segment
-        # Two counters, each written by one thread only (hook / flusher): no lock needed.
-        self._appended = run.pending_bytes()  # not pushed yet, as far as this process knows
-        self._released = 0
+        self.published: tuple[Path | None, int] = (None, 0)  # (segment, end), read by the pusher in one go
+        # Per segment, each dict and total written by one thread only (hook / pusher): no lock needed.
+        self._appended: dict[Path, int] = run.backlog()
+        self._appended_total = sum(self._appended.values())
+        self._released: dict[Path, int] = {}
+        self._released_total = 0
+        self._gone_total = 0  # unreleased bytes of segments someone else removed
+        self._next_recount = 0.0
+        self._next_rotate_try = 0.0
         self._rotate(self.next_seq, SEGMENT_BYTES)
 
     @property
     def bytes(self) -> int:
         """Bytes in the spool not yet pushed to Redis; what the size limit applies to."""
-        return self._appended - self._released
+        return self._appended_total - self._released_total - self._gone_total
 
     def append(self, seq: int, type: str, data: bytes, *, keep_when_full: bool) -> bool:
         """Write one record; False (and nothing written) when the spool is full.
 
         Records with ``keep_when_full`` are written past the limit: they are few and small.
-        Raises OSError when a new segment cannot be allocated (disk full).
+        Raises OSError when a new segment cannot be allocated (disk full); after that, tries
+        again at most once a second (the caller counts what it could not write).
         """
         body = b"%d %s %s" % (seq, type.encode(), data)
         size = len(body) + 1
-        if self.bytes + size > self.max_bytes and not keep_when_full:
+        if self.bytes + size > self.max_bytes and not keep_when_full and not self._recount(size):
             return False
         if self.end + size > self._size:
-            self._rotate(seq, max(SEGMENT_BYTES, size))
-        assert self._map is not None
+            now = time.monotonic()
+            if now < self._next_rotate_try:
+                raise OSError(errno.ENOSPC, "no new spool segment (the last try failed less than 1 s ago)")
+            try:
+                self._rotate(seq, max(SEGMENT_BYTES, size))
+            except OSError:
+                self._next_rotate_try = now + 1.0
+                raise
+        assert self._map is not None and self.segment is not None
         self._map[self.end : self.end + size - 1] = body
         self._map[self.end + size - 1] = NEWLINE
         self.end += size
-        self._appended += size
+        self.published = (self.segment, self.end)
+        self._appended[self.segment] = self._appended.get(self.segment, 0) + size
+        self._appended_total += size
         self.next_seq = seq + 1
         return True
 
-    def released(self, nbytes: int) -> None:
-        """``nbytes`` of records reached Redis: they no longer count against the limit."""
-        self._released += nbytes
+    def released(self, segment: Path, nbytes: int) -> None:
+        """``nbytes`` of ``segment`` reached Redis: they no longer count against the limit."""
+        self._released[segment] = self._released.get(segment, 0) + nbytes
+        self._released_total += nbytes
 
     def close(self) -> None:
         if self._map is not None:
             self._map.close()
             self._map = None
+
+    def _recount(self, size: int = 0) -> bool:
+        """Forget segments that are gone (pushed and removed by anyone); True if ``size`` fits now.
+        At most once a second when called for a full spool, so a full spool stays cheap to hit."""
+        if size:
+            now = time.monotonic()
+            if now < self._next_recount:
+                return False
+            self._next_recount = now + 1.0
+        for segment in [s for s in self._appended if s != self.segment]:
+            if not segment.exists():
+                self._gone_total += self._appended.pop(segment) - self._released.get(segment, 0)
+        return self.bytes + size <= self.max_bytes
 
     def _rotate(self, first_seq: int, size: int) -> None:
         """Start a new segment; a new writer always starts one, never appends to an old one."""
@@ -219,6 +265,34 @@ class SpoolWriter:
         os.close(fd)  # the mapping keeps the file open
         self.close()
         self._map, self._size, self.segment, self.end = new_map, size, path, 0
+        self.published = (path, 0)
+        if self.segment is not None:
+            self._recount()
+
+
+def records_end(segment: Path) -> int:
+    """Offset just past the last whole record of a segment (the rest is preallocated zeros)."""
+    try:
+        with open(segment, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return mm.rfind(b"\n") + 1
+    except (FileNotFoundError, ValueError):  # gone, or empty (mmap refuses 0 bytes)
+        return 0
+
+
+def last_record(segment: Path) -> Record | None:
+    """The last whole record of a segment, found from its end."""
+    try:
+        with open(segment, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            end = mm.rfind(b"\n")
+            while end > 0:
+                start = mm.rfind(b"\n", 0, end) + 1
+                record = _parse(mm[start:end])
+                if record is not None:
+                    return record
+                end = start - 1
+    except (FileNotFoundError, ValueError):
+        pass
+    return None
 
 
 def read_records(

@@ -49,14 +49,27 @@ class UltralyticsHooks:
         self.settings = settings
         self.fixed_run_id = fixed_run_id  # else each training in this process gets a new id
         self.publisher: Publisher | None = None
+        self.failure: str | None = None  # why this training is not recorded (said once)
         self._fit_epochs_seen: set[int] = set()
 
-    def bus(self) -> Publisher:
-        """The open publisher, opened on first use (val/predict/export may come first)."""
-        if self.publisher is None:
-            self.publisher = Publisher(self.settings)
+    def bus(self) -> Publisher | _Unrecorded:
+        """The open publisher, opened on first use (val/predict/export may come first).
+
+        If it cannot open (spool not writable, disk full, the run open in another process),
+        that is said once and every hook of this training does nothing, in nanoseconds.
+        """
+        if self.publisher is not None:
+            return self.publisher
+        if self.failure is None:
+            try:
+                self.publisher = Publisher(self.settings)
+            except Exception as exc:
+                self.failure = f"{exc.__class__.__name__}: {exc}"
+                log.error("trainbus cannot record this training (%s); its hooks do nothing", self.failure)
+                return UNRECORDED
             self._add_ultralytics_key()
-        return self.publisher
+            return self.publisher
+        return UNRECORDED
 
     # -- trainer ------------------------------------------------------------------------
 
@@ -66,6 +79,7 @@ class UltralyticsHooks:
             self.publisher = None
             if not self.fixed_run_id:
                 self.settings = dataclasses.replace(self.settings, run_id=generate_run_id())
+        self.failure = None  # a new training tries again
         self._fit_epochs_seen.clear()
         args = dict(vars(trainer.args)) if getattr(trainer, "args", None) is not None else {}
         self.bus().session(
@@ -150,6 +164,19 @@ class UltralyticsHooks:
         if key and self.publisher is not None:
             self.publisher.add_secret(key)
 
+
+class _Unrecorded:
+    """Stands in for a publisher that could not open: every method does nothing."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return _nothing
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+UNRECORDED = _Unrecorded()
 
 CALLBACK_NAMES = (
     "on_pretrain_routine_start",

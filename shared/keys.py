@@ -50,6 +50,16 @@ class Keys:
         return f"{self.namespace}:dead"
 
     @property
+    def groups_fed(self) -> str:
+        """Hash group -> unix time a dispatcher last read the stream for it (as one of its sinks)."""
+        return f"{self.namespace}:groups:fed"
+
+    @property
+    def abandoned_groups(self) -> str:
+        """Set of consumer groups no dispatcher fed for TRAINBUS_GROUP_ABANDON_H: not waited for."""
+        return f"{self.namespace}:groups:abandoned"
+
+    @property
     def metrics(self) -> str:
         """Hash of counters every process increments; served by ``trainbus metrics``."""
         return f"{self.namespace}:metrics"

@@ -75,6 +75,10 @@ def megabytes_setting(variable: str, value: str) -> float:
     return number_setting(variable, value, "megabytes")
 
 
+def hours_setting(variable: str, value: str) -> float:
+    return number_setting(variable, value, "hours")
+
+
 def path_setting(variable: str, value: str) -> Path:
     return Path(value).expanduser()
 
@@ -180,10 +184,17 @@ class Settings:
     spool_dir: Path = env_field("TRAINBUS_SPOOL_DIR", path_setting, default_factory=default_spool_dir)
     exit_flush_s: float = env_field("TRAINBUS_EXIT_FLUSH_S", number_setting, default=5.0)
     spool_max_mb: float = env_field("TRAINBUS_SPOOL_MAX_MB", megabytes_setting, default=512.0)
+    snapshot_retention_h: float = env_field("TRAINBUS_SNAPSHOT_RETENTION_H", hours_setting, default=24.0)
 
     def __post_init__(self) -> None:
         check("TRAINBUS_EXIT_FLUSH_S", self.exit_flush_s >= 0, f"{self.exit_flush_s}: must be >= 0 seconds")
         check("TRAINBUS_SPOOL_MAX_MB", self.spool_max_mb > 0, f"{self.spool_max_mb}: must be > 0 MB")
+        positive("TRAINBUS_SNAPSHOT_RETENTION_H", self.snapshot_retention_h)
+
+    @property
+    def snapshot_retention_s(self) -> float:
+        """Snapshots go this long after their run's last file changed, even if a sink never finished."""
+        return self.snapshot_retention_h * 3600
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -208,13 +219,19 @@ class WorkerSettings:
     file_roots: tuple[Path, ...] = env_field(
         "TRAINBUS_FILE_ROOTS", paths_setting, default_factory=lambda: (default_spool_dir().resolve(),)
     )
+    group_abandon_h: float = env_field("TRAINBUS_GROUP_ABANDON_H", hours_setting, default=24.0)
 
     def __post_init__(self) -> None:
+        positive("TRAINBUS_GROUP_ABANDON_H", self.group_abandon_h)
         positive("TRAINBUS_RATE_METRICS", self.rate_metrics)
         positive("TRAINBUS_RATE_CKPT", self.rate_ckpt)
         positive("TRAINBUS_RATE_HEARTBEAT", self.rate_heartbeat)
         positive("TRAINBUS_HUB_TIMEOUT_S", self.hub_timeout_s)
         positive("TRAINBUS_CLEARML_TIMEOUT_S", self.clearml_timeout_s)
+
+    @property
+    def group_abandon_s(self) -> float:
+        return self.group_abandon_h * 3600
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +34,19 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_drainer_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Drainers that tests' publishers started (waiting for a Redis a test stopped, or for sinks a
+    test never ran) end with the session."""
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError, ValueError):
+            args = cmdline.read_bytes().split(b"\0")
+            if b"producers.drain" in args and any(a.startswith(base.encode()) for a in args):
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
 
 
 @pytest.fixture

@@ -97,6 +97,7 @@ class Pipeline:
             os.environ,
             PYTHONPATH=str(ROOT),
             TRAINBUS_REDIS_URL=redis_url,
+            RQ_REDIS_URL=redis_url,
             TRAINBUS_NAMESPACE=namespace,
             TRAINBUS_HUB_API_URL=hub.url,
             TRAINBUS_HUB_API_KEY=API_KEY,
@@ -115,7 +116,7 @@ class Pipeline:
 
     def worker(self, sink: str = "hub") -> subprocess.Popen:
         """``rq worker`` for a sink's queue: forking for hub-uploads, SimpleWorker for clearml."""
-        return self._start(worker_command(Keys(self.namespace).queue(sink), sink, self.redis_url))
+        return self._start(worker_command(Keys(self.namespace).queue(sink), sink))
 
     def cli(self, *args: str, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -123,9 +123,7 @@ def test_two_workers_report_each_scalar_once_through_a_flush_timeout(online, cle
     assert set(got.values()) == {1}, f"sent twice: {sorted(k for k, v in got.items() if v > 1)}"
 
 
-def test_a_task_creation_that_outlives_its_timeout_makes_one_task_and_no_pile_of_threads(
-    online, clearml, client, keys
-):
+def test_a_task_creation_that_outlives_its_timeout_makes_one_task_and_no_pile_of_threads(online, clearml, client, keys):
     run = "slow-create"
     clearml.fault(hang=8, endpoint="tasks.create")  # 4x TRAINBUS_CLEARML_TIMEOUT_S
     worker = online.worker("clearml")

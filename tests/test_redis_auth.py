@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from producers import Publisher
 from tests.helpers import wait_for
 from tests.pipeline import MODEL_ID, ROOT, Pipeline, metrics_by_epoch, train
 from workers.embedded_redis import RedisServer, free_port
-from workers.rq_worker import worker_command
+from workers.rq_worker import worker_command, worker_env
 
 USER, PASSWORD = "trainbus", "s3cret-acl-password"
 
@@ -158,7 +159,8 @@ def test_a_pickled_job_is_refused_not_unpickled(redis_url, namespace, keys, tmp_
     assert pickle.loads(pickle.dumps(Boom(str(tmp_path / "control")))) is not None  # the payload does work
     (tmp_path / "control").unlink()
     worker = subprocess.run(
-        [*worker_command(keys.queue("hub"), "hub", redis_url), "--burst"],
+        [*worker_command(keys.queue("hub"), "hub"), "--burst"],
+        env=worker_env(os.environ, redis_url),
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,7 +1,13 @@
-"""A real, tiny, offline YOLO training with the callbacks (opt-in: `pytest -m ultralytics`)."""
+"""Real, tiny, offline YOLO trainings with the callbacks (opt-in: ``./dev test -m ultralytics``).
+
+``./dev test -m ultralytics`` runs these in ``.venv-ultralytics`` (torch 2.14.1, torchvision
+0.29.1, ultralytics), which it sets up on first use.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -12,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import stream_events
+from tests.helpers import wait_for
+from tests.pipeline import Pipeline
 
 pytestmark = pytest.mark.ultralytics
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,15 +30,15 @@ TRAIN = textwrap.dedent("""
     from producers.ultralytics import make_callbacks
 
     model = YOLO("yolov8n.yaml")
-    for event, fn in make_callbacks(run_id="real-yolo").items():
+    for event, fn in make_callbacks(run_id=sys.argv[3]).items():
         model.add_callback(event, fn)
-    model.train(data=sys.argv[1], epochs=2, imgsz=64, batch=4, workers=0, device="cpu", amp=False,
+    model.train(data=sys.argv[1], epochs=int(sys.argv[4]), imgsz=64, batch=4, workers=0, device="cpu", amp=False,
                 project=sys.argv[2], name="train", exist_ok=True, verbose=False)
 """)
 
 
 def make_dataset(root: Path) -> Path:
-    """Eight 64x64 images with one box each, train = val: enough for two epochs."""
+    """Eight 64x64 images with one box each, train = val: enough for a few epochs."""
     from PIL import Image
 
     for split in ("train", "val"):
@@ -46,34 +54,36 @@ def make_dataset(root: Path) -> Path:
     return data
 
 
-def test_real_training_puts_every_epoch_checkpoint_and_final_on_the_stream(
-    redis_url, namespace, spool_dir, client, keys, tmp_path
-):
+def train(tmp_path: Path, env: dict[str, str], run_id: str, epochs: int) -> Path:
+    """One real training in a subprocess; returns its project directory."""
     pytest.importorskip("ultralytics")
     import matplotlib
 
     config = tmp_path / "yolo-config"
-    config.mkdir()
+    config.mkdir(exist_ok=True)
     font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
     shutil.copy(font, config / "Arial.ttf")  # keeps Ultralytics from downloading its font
     data = make_dataset(tmp_path / "data")
-    env = dict(
-        os.environ,
-        YOLO_OFFLINE="1",
-        YOLO_CONFIG_DIR=str(config),
-        PYTHONPATH=str(ROOT),
-        TRAINBUS_REDIS_URL=redis_url,
-        TRAINBUS_NAMESPACE=namespace,
-        TRAINBUS_SPOOL_DIR=str(spool_dir),
-    )
+    project = tmp_path / "runs"
+    env = {k: v for k, v in {**os.environ, **env}.items() if k != "PYTEST_CURRENT_TEST"}  # else Ultralytics skips its
+    env.update(YOLO_OFFLINE="1", YOLO_CONFIG_DIR=str(config), PYTHONPATH=str(ROOT), HOME=str(tmp_path))  # integrations
     out = subprocess.run(
-        [sys.executable, "-c", TRAIN, str(data), str(tmp_path / "runs")],
+        [sys.executable, "-c", TRAIN, str(data), str(project), run_id, str(epochs)],
         env=env,
         capture_output=True,
         text=True,
         timeout=900,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-4000:]
+    return project
+
+
+def test_real_training_puts_every_epoch_checkpoint_and_final_on_the_stream(
+    redis_url, namespace, spool_dir, client, keys, tmp_path
+):
+    env = {"TRAINBUS_REDIS_URL": redis_url, "TRAINBUS_NAMESPACE": namespace, "TRAINBUS_SPOOL_DIR": str(spool_dir)}
+    train(tmp_path, {**env, "YOLO_SETTINGS_CLEARML": "False"}, "real-yolo", 2)
     events = stream_events(client, keys)
     types = [e["type"] for e in events]
     assert [e["seq"] for e in events] == list(range(len(events)))
@@ -86,3 +96,78 @@ def test_real_training_puts_every_epoch_checkpoint_and_final_on_the_stream(
     final = next(e["payload"] for e in events if e["type"] == "final")
     assert len(final["checkpoint"]["sha256"]) == 64
     assert types[0] == "session" and "run_end" in types
+
+
+def offline_session(cache: Path) -> tuple[dict, list[dict]]:
+    """(task.json, every reported event) of the one offline session under a ClearML cache dir."""
+    (folder,) = [p.parent for p in (cache / "offline").glob("*/task.json")]
+    events = [e for line in (folder / "metrics.jsonl").read_text().splitlines() for e in json.loads(line)]
+    return json.loads((folder / "task.json").read_text()), events
+
+
+def keyed(events: list[dict], kind: str, summary: bool | None = None) -> dict[tuple, object]:
+    found: dict[tuple, object] = {}
+    for e in events:
+        if e["type"] != kind or (summary is not None and (e.get("metric") == "Summary") != summary):
+            continue
+        found[(e["metric"], e["variant"], e["iter"])] = e.get("value")
+    return found
+
+
+def test_the_clearml_task_holds_what_ultralytics_own_clearml_callbacks_record(
+    redis_url, namespace, hub, spool_dir, tmp_path
+):
+    """One real training with both Ultralytics' ClearML callbacks (Task.init in the training, offline)
+    and trainbus's callbacks; trainbus's ClearML worker (offline) makes its own task from the events.
+    Side by side, scalar by scalar: everything Ultralytics records is in trainbus's task too."""
+    pytest.importorskip("clearml")
+    theirs, ours = tmp_path / "clearml-ultralytics", tmp_path / "clearml-trainbus"
+    pipeline = Pipeline(
+        redis_url,
+        namespace,
+        hub,
+        spool_dir,
+        TRAINBUS_SINKS="clearml",
+        TRAINBUS_FILE_ROOTS=f"{spool_dir}:{tmp_path}",
+        CLEARML_OFFLINE_MODE="1",
+        CLEARML_CACHE_DIR=ours,
+    )
+    try:
+        pipeline.dispatcher()
+        pipeline.worker("clearml")
+        env = {
+            "TRAINBUS_REDIS_URL": redis_url,
+            "TRAINBUS_NAMESPACE": namespace,
+            "TRAINBUS_SPOOL_DIR": str(spool_dir),
+            "CLEARML_OFFLINE_MODE": "1",
+            "CLEARML_CACHE_DIR": str(theirs),
+        }
+        train(tmp_path, env, "parity", 3)
+        wait_for(lambda: list((ours / "offline").glob("*.zip")), timeout=180)
+    finally:
+        pipeline.stop()
+    their_task, their_events = offline_session(theirs)
+    our_task, our_events = offline_session(ours)
+    table = []
+    for kind, summary in (
+        ("training_stats_scalar", False),
+        ("training_stats_scalar", True),
+        ("training_debug_image", None),
+        ("plot", None),
+    ):
+        want, got = keyed(their_events, kind, summary), keyed(our_events, kind, summary)
+        table.append(f"{kind}{' (single values)' if summary else ''}: Ultralytics {len(want)}, trainbus {len(got)}")
+        assert set(want) <= set(got), f"{kind}: trainbus lacks {sorted(set(want) - set(got))}"
+        for key, value in want.items():
+            if kind == "training_stats_scalar" and "speed" not in key[1]:  # inference speed is timed twice
+                assert math.isclose(got[key], value, rel_tol=1e-9), f"{key}: Ultralytics {value}, trainbus {got[key]}"
+    print("\n".join(table))
+    scalars = [(e["metric"], e["variant"], e["iter"]) for e in our_events if e["type"] == "training_stats_scalar"]
+    assert len(scalars) == len(set(scalars)), "each scalar once"
+    images = [(e["metric"], e["variant"], e["iter"]) for e in our_events if e["type"] == "training_debug_image"]
+    assert len(images) == len(set(images)), "each image once"
+    their_args = {k: v["value"] for k, v in their_task["hyperparams"]["General"].items()}
+    our_args = {k: v["value"] for k, v in our_task["hyperparams"]["General"].items()}
+    assert their_args == {k: our_args.get(k) for k in their_args}, "every arg as Ultralytics connects it"
+    assert our_task["name"] == their_task["name"] and our_task["project_name"] == their_task["project_name"]
+    assert set(their_task.get("tags") or []) <= set(our_task.get("tags") or [])

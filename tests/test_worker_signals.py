@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import wait_for
 from tests.pipeline import ROOT
-from workers.rq_worker import worker_command
+from workers.rq_worker import worker_command, worker_env
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -19,7 +19,11 @@ def test_an_idle_worker_stops_on_a_signal(redis_url, namespace, client, sig):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRAINBUS_NAMESPACE": namespace, "TRAINBUS_REDIS_URL": redis_url}
     queue = f"{namespace}.hub-uploads"
     proc = subprocess.Popen(
-        worker_command(queue, "hub", redis_url), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        worker_command(queue, "hub"),
+        env=worker_env(env, redis_url),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_for(lambda: client.smembers(f"rq:workers:{queue}"), timeout=30)

@@ -50,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--spool-dir", type=Path, help=spool_dir_help)
     status.set_defaults(func=spool_status)
 
+    gc = spool_commands.add_parser(
+        "gc",
+        help="remove checkpoint snapshots every sink is done with; say why the rest is kept",
+        description="A run's snapshots are removed once every sink (consumer group) finished the run, or "
+        "TRAINBUS_SNAPSHOT_RETENTION_H hours after its last file changed. The drainer does this on its own; "
+        "this does it now.",
+    )
+    gc.add_argument("--spool-dir", type=Path, help=spool_dir_help)
+    gc.set_defaults(func=spool_gc)
+
     replay = spool_commands.add_parser(
         "replay",
         help="push spooled events to Redis now (after a crash, or instead of the drainer)",
@@ -83,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="claim entries another dispatcher left unacknowledged this long (default 30)",
     )
+    dispatch.add_argument(
+        "--trim-every",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="trim what every group acknowledged from the stream this often (default 30)",
+    )
     dispatch.set_defaults(func=run_dispatch)
 
     from workers import demo
@@ -104,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
     metrics.set_defaults(func=serve_metrics)
 
+    groups = commands.add_parser(
+        "groups",
+        help="the stream's consumer groups (one per sink): fed, abandoned; drop one",
+        description="A group no dispatcher fed for TRAINBUS_GROUP_ABANDON_H hours is abandoned: the stream is "
+        "trimmed without it. `trainbus groups drop NAME` removes a group (say, of a sink taken out of "
+        "TRAINBUS_SINKS); what it had not read is gone for that sink.",
+    )
+    groups_commands = groups.add_subparsers(title="groups commands")
+    groups.set_defaults(func=show_groups)
+    drop = groups_commands.add_parser("drop", help="remove a consumer group")
+    drop.add_argument("name", help="the group (sink) name, e.g. clearml")
+    drop.set_defaults(func=drop_group)
+
     failed = commands.add_parser("failed", help="list drain jobs that failed for good, with reasons")
     failed.add_argument("--requeue", action="store_true", help="unblock those runs and send their jobs again")
     failed.set_defaults(func=show_failed)
@@ -114,19 +144,48 @@ def spool_status(args: argparse.Namespace) -> int:
     from producers.spool import run_dirs
 
     settings = Settings.from_env(spool_dir=args.spool_dir)
-    rows = [
-        (run.run_id, run.pending_bytes(), len(run.segments()), run.writer_lock.is_free())
-        for run in run_dirs(settings.spool_dir)
-    ]
-    rows = [r for r in rows if r[2]]
+    rows = []
+    for run in run_dirs(settings.spool_dir):
+        segments = run.segments()
+        snapshots = [p for p in run.checkpoint_dir.glob("*") if p.is_file()]
+        if segments or snapshots:
+            held = sum(p.stat().st_size for p in snapshots)
+            rows.append((run, run.pending_bytes() if segments else 0, len(segments), len(snapshots), held))
     if not rows:
-        print(f"spool {settings.spool_dir}: empty (everything is in Redis)")
+        print(f"spool {settings.spool_dir}: empty (everything is in Redis, no snapshot held)")
         return 0
     print(f"spool {settings.spool_dir}:")
-    print(f"  {'run':<32} {'bytes':>12} {'segments':>8}  state")
-    for run_id, size, segments, free in rows:
-        state = "orphaned: run `trainbus spool replay`" if free else "training process alive"
-        print(f"  {run_id:<32} {size:>12} {segments:>8}  {state}")
+    print(f"  {'run':<32} {'event bytes':>12} {'segments':>8} {'snapshots':>9} {'snapshot bytes':>14}  state")
+    for run, size, segments, count, held in rows:
+        if not run.writer_lock.is_free():
+            state = "training process alive"
+        elif segments:
+            state = "orphaned: run `trainbus spool replay`"
+        else:
+            state = "snapshots kept until every sink finished the run (`trainbus spool gc` says which)"
+        print(f"  {run.run_id:<32} {size:>12} {segments:>8} {count:>9} {held:>14}  {state}")
+    return 0
+
+
+def spool_gc(args: argparse.Namespace) -> int:
+    import time
+
+    from producers.flusher import connect
+    from producers.retention import collect
+
+    settings = Settings.from_env(spool_dir=args.spool_dir)
+    held = collect(
+        settings.spool_dir, connect(settings.redis_url), Keys(settings.namespace), settings.snapshot_retention_s
+    )
+    if not held:
+        print(f"spool {settings.spool_dir}: no snapshot held")
+        return 0
+    for h in held:
+        left = (h.until - time.time()) / 3600
+        print(
+            f"  {h.run_id}: {h.files} file(s), {h.bytes} bytes, waiting for {', '.join(h.waiting_for)} "
+            f"(removed anyway in {left:.1f} h: TRAINBUS_SNAPSHOT_RETENTION_H)"
+        )
     return 0
 
 
@@ -163,7 +222,7 @@ def run_dispatch(args: argparse.Namespace) -> int:
 
     settings = WorkerSettings.from_env()
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5)
-    dispatcher = Dispatcher(client, settings, claim_idle_s=args.claim_idle)
+    dispatcher = Dispatcher(client, settings, claim_idle_s=args.claim_idle, trim_every_s=args.trim_every)
     show_trainbus_logs()
     print(
         f"dispatching {Keys(settings.namespace).events} on {redact_url(settings.redis_url)} "
@@ -221,13 +280,40 @@ def show_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def show_failed(args: argparse.Namespace) -> int:
-    import redis
+def show_groups(args: argparse.Namespace) -> int:
+    from workers.groups import groups
 
+    settings = WorkerSettings.from_env()
+    found = groups(redis_client(settings), Keys(settings.namespace))
+    if not found:
+        print("no consumer groups (no dispatcher has read the stream yet)")
+        return 0
+    for g in found:
+        fed = "never fed" if g.fed_s_ago is None else f"fed {g.fed_s_ago:.0f} s ago"
+        state = " ABANDONED: not waited for when trimming" if g.abandoned else ""
+        print(f"{g.name:<12} lag {g.lag}  pending {g.pending}  consumers {g.consumers}  {fed}{state}")
+    return 0
+
+
+def drop_group(args: argparse.Namespace) -> int:
+    from workers.groups import drop
+
+    settings = WorkerSettings.from_env()
+    if args.name in settings.sinks:
+        print(f"trainbus: {args.name} is in TRAINBUS_SINKS here; a dispatcher would create it again", file=sys.stderr)
+        return 2
+    if not drop(redis_client(settings), Keys(settings.namespace), args.name):
+        print(f"trainbus: no consumer group {args.name!r} on the stream", file=sys.stderr)
+        return 1
+    print(f"dropped consumer group {args.name}")
+    return 0
+
+
+def show_failed(args: argparse.Namespace) -> int:
     from workers.failed import failed_drains, requeue_failed
 
     settings = WorkerSettings.from_env()
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     keys = Keys(settings.namespace)
     if args.requeue:
         done = requeue_failed(client, keys, settings.sinks)
@@ -242,6 +328,13 @@ def show_failed(args: argparse.Namespace) -> int:
         print(f"{d.sink:<8} run {d.run_id:<32} failed {when}  job {d.job_id}\n  {d.reason}")
     print("fix the cause, then: trainbus failed --requeue")
     return 1
+
+
+def redis_client(settings: WorkerSettings):
+    """The client of a one-shot command: it answers within seconds or says Redis is not there."""
+    import redis
+
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from shared.keys import Keys
 from shared.settings import redact_url
 from workers.embedded_redis import RedisServer
 from workers.local_hub import Fault, LocalHub
-from workers.rq_worker import worker_command
+from workers.rq_worker import worker_command, worker_env
 
 DEMO_API_KEY = "d" * 42
 DEMO_MODEL = "DemoModel00000000000"  # 20 characters, as HUB model ids are
@@ -148,13 +148,13 @@ def start_stack(stack: Stack, args: argparse.Namespace) -> None:
         print(f"clearml:  offline mode, sessions under {stack.workdir / 'clearml' / 'offline'}")
     else:
         print(f"clearml:  {os.environ.get('CLEARML_API_HOST', 'configured server')}")
-    stack.env = env
+    stack.env = env = worker_env(env, stack.redis_url)
     logs = stack.workdir / "logs"
     logs.mkdir(exist_ok=True)
     keys = Keys(stack.namespace)
     commands = {
         "dispatcher": [sys.executable, "-m", "workers.cli", "dispatch"],
-        **{f"worker-{sink}": worker_command(keys.queue(sink), sink, stack.redis_url) for sink in ("hub", "clearml")},
+        **{f"worker-{sink}": worker_command(keys.queue(sink), sink) for sink in ("hub", "clearml")},
     }
     for name, command in commands.items():
         with open(logs / f"{name}.log", "wb") as log:

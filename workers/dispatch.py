@@ -28,6 +28,7 @@ from shared.events import MAX_SEQ_AHEAD, Event, decode_event
 from shared.keys import Keys
 from shared.settings import WorkerSettings, redact_url
 from workers.drain_job import enqueue_drain, make_sink
+from workers.groups import mark_fed, refresh_abandoned
 from workers.sink import RunState, Sink
 from workers.telemetry import Counters
 
@@ -49,12 +50,19 @@ class DispatchStats:
 
 class Dispatcher:
     def __init__(
-        self, client: redis.Redis, settings: WorkerSettings, *, claim_idle_s: float = 30.0, consumer: str | None = None
+        self,
+        client: redis.Redis,
+        settings: WorkerSettings,
+        *,
+        claim_idle_s: float = 30.0,
+        trim_every_s: float = TRIM_EVERY_S,
+        consumer: str | None = None,
     ) -> None:
         self.client = client
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.claim_idle_ms = int(claim_idle_s * 1000)
+        self.trim_every_s = trim_every_s
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.sinks: dict[str, Sink] = {name: make_sink(name, client, self.keys, settings) for name in settings.sinks}
         self.dead = {name: RunState(client, self.keys, name) for name in settings.sinks}
@@ -114,7 +122,7 @@ class Dispatcher:
             self._next_sweep = time.monotonic() + SWEEP_EVERY_S
         if time.monotonic() >= self._next_trim:
             self.trim()
-            self._next_trim = time.monotonic() + TRIM_EVERY_S
+            self._next_trim = time.monotonic() + self.trim_every_s
         return handled
 
     def _read_new(self, sink: str, block_ms: int) -> int:
@@ -194,6 +202,7 @@ class Dispatcher:
 
     def _sweep(self) -> None:
         """Active runs with no job queued, running or scheduled: their worker died. Requeue."""
+        mark_fed(self.client, self.keys, list(self.sinks))
         for sink in self.sinks:
             for run in self.client.smembers(self.keys.active(sink)):
                 run_id = run.decode()
@@ -208,9 +217,12 @@ class Dispatcher:
                     self.stats.jobs_enqueued += 1
 
     def trim(self) -> None:
-        """Drop stream entries every group has acknowledged (XTRIM MINID, never MAXLEN)."""
+        """Drop stream entries every group has acknowledged (XTRIM MINID, never MAXLEN).
+
+        Abandoned groups (``workers/groups.py``) are not waited for."""
+        abandoned = refresh_abandoned(self.client, self.keys, self.settings.group_abandon_s)
         try:
-            groups = self.client.xinfo_groups(self.keys.events)
+            groups = [g for g in self.client.xinfo_groups(self.keys.events) if _name(g) not in abandoned]
         except redis.ResponseError:
             return
         if not groups:
@@ -223,6 +235,11 @@ class Dispatcher:
             floor = candidate if floor is None or _id_key(candidate) < _id_key(floor) else floor
         if floor is not None:
             self.client.xtrim(self.keys.events, minid=floor, approximate=False)
+
+
+def _name(group: dict) -> str:
+    name = group["name"]
+    return name.decode() if isinstance(name, bytes) else name
 
 
 def _id_key(entry_id: bytes | str) -> tuple[int, int]:

@@ -107,13 +107,28 @@ class HubSink:
         return max(0.0, min(pending))
 
     def _create_model(self, run_id: str, session: dict[str, Any]) -> str | None:
-        """No model id came with the run: create one from its args, as the HUB session did."""
+        """No model id came with the run: create one from its args, as the HUB session did.
+
+        HUB's create is not idempotent and its protocol has no way to find a model by run.
+        An attempt whose outcome is unknown (no answer, or a worker that died in between)
+        is therefore said out loud before the next one: HUB may hold an extra model.
+        """
         state_key = self.keys.state(SINK, run_id)
         if self.limits.wait(state_key, "create"):
             return None
+        if self.client.hexists(state_key, "create_unanswered"):
+            self.runs.dead_letter(
+                f"run {run_id}: an earlier model creation got no answer (timeout, reset, or a worker that died); "
+                "HUB may hold an extra model for this run, unused by trainbus",
+                run_id=run_id,
+            )
+        self.client.hset(state_key, "create_unanswered", repr(time.time()))
         ok, model_id = self._call(run_id, "create", self.hub.create_model, model_payload(session))
         if not ok:
+            if self.client.hget(state_key, "create_http_status"):  # HUB answered: nothing was created
+                self.client.hdel(state_key, "create_unanswered", "create_http_status")
             return None
+        self.client.hdel(state_key, "create_unanswered")
         self.client.hset(state_key, "model_id", model_id)
         log.info("upload sink=hub run=%s kind=create outcome=ok model=%s", run_id, model_id)
         return model_id
@@ -268,6 +283,8 @@ class HubSink:
                 self.client.set(self.keys.blocked(SINK, run_id), reason)
                 raise HubUploadFailed(reason) from None
             attempt = self.client.hincrby(state_key, f"fail:{kind}", 1)
+            if exc.status is not None and kind == "create":
+                self.client.hset(state_key, "create_http_status", exc.status)
             # The server said when (429 Retry-After): then, not later; else back off exponentially.
             delay = exc.retry_after if exc.retry_after else compute_backoff(attempt - 1, base=1.0, cap=300.0)
             if kind in RETRY_SOONER:  # a failed upload is not an upload: retry before the next slot

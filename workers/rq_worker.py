@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -94,9 +95,18 @@ WORKER_FLAGS = (
 )
 
 
-def worker_command(queue: str, sink: str, redis_url: str) -> list[str]:
-    """The documented ``rq worker`` command for a sink's queue (as in docker-compose.yml)."""
-    return [sys.executable, "-m", "rq.cli", "worker", queue, "-u", redis_url, "-w", WORKER_CLASS[sink], *WORKER_FLAGS]
+def worker_command(queue: str, sink: str) -> list[str]:
+    """The documented ``rq worker`` command for a sink's queue (as in docker-compose.yml).
+
+    Redis comes from ``RQ_REDIS_URL`` in the environment (see :func:`worker_env`), not ``-u``:
+    a password on a command line shows in ``ps``.
+    """
+    return [sys.executable, "-m", "rq.cli", "worker", queue, "-w", WORKER_CLASS[sink], *WORKER_FLAGS]
+
+
+def worker_env(env: Mapping[str, str], redis_url: str) -> dict[str, str]:
+    """``env`` with the Redis URL where both RQ (``RQ_REDIS_URL``) and trainbus read it."""
+    return {**env, "RQ_REDIS_URL": redis_url, "TRAINBUS_REDIS_URL": redis_url}
 
 
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)

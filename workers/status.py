@@ -15,6 +15,7 @@ from rq.registry import FailedJobRegistry
 
 from shared.keys import Keys
 from workers.drain_job import queue_for
+from workers.groups import groups as consumer_groups
 
 NEXT_SLOTS = ("metrics", "ckpt", "heartbeat", "final", "create")
 
@@ -36,16 +37,17 @@ def pipeline_status(client: redis.Redis, keys: Keys, sinks: tuple[str, ...]) -> 
 
 
 def _stream(client: redis.Redis, keys: Keys) -> dict[str, Any]:
-    length = client.xlen(keys.events)
-    groups = {}
-    try:
-        infos = client.xinfo_groups(keys.events)
-    except redis.ResponseError:  # no stream yet
-        infos = []
-    for info in infos:
-        name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
-        groups[name] = {"lag": info.get("lag"), "pending": info.get("pending"), "consumers": info.get("consumers")}
-    return {"key": keys.events, "length": length, "groups": groups}
+    groups = {
+        g.name: {
+            "lag": g.lag,
+            "pending": g.pending,
+            "consumers": g.consumers,
+            "fed_s_ago": g.fed_s_ago,
+            "abandoned": g.abandoned,
+        }
+        for g in consumer_groups(client, keys)
+    }
+    return {"key": keys.events, "length": client.xlen(keys.events), "groups": groups}
 
 
 def _queue(client: redis.Redis, keys: Keys, sink: str) -> dict[str, Any]:
@@ -57,7 +59,7 @@ def _run(client: redis.Redis, keys: Keys, sink: str, run_id: str, now: float) ->
     state = {k.decode(): v.decode() for k, v in client.hgetall(keys.state(sink, run_id)).items()}
     last = float(state.get("last_event_ts", 0) or 0)
     pending = {}
-    for kind in ("metrics", "events", "media"):
+    for kind in ("metrics", "events", "media", "files"):
         key = keys.pending(sink, run_id, kind)
         kind_of = client.type(key)
         if kind_of == b"hash":
@@ -88,8 +90,10 @@ def format_status(status: dict[str, Any]) -> str:
     stream = status["stream"]
     lines = [f"stream {stream['key']}: {stream['length']} entries, {status['dead_letters']} dead letters"]
     for name, group in stream["groups"].items():
+        fed = "never fed" if group["fed_s_ago"] is None else f"fed {group['fed_s_ago']:.0f} s ago"
+        state = f"ABANDONED ({fed}; not waited for; `trainbus groups drop {name}`)" if group["abandoned"] else fed
         lines.append(
-            f"  group {name:<8} lag {group['lag']}  pending {group['pending']}  consumers {group['consumers']}"
+            f"  group {name:<8} lag {group['lag']}  pending {group['pending']}  consumers {group['consumers']}  {state}"
         )
     for queue in status["queues"].values():
         lines.append(f"queue {queue['name']}: {queue['queued']} queued, {queue['failed']} failed")
