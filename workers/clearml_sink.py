@@ -290,7 +290,7 @@ class ClearmlSink:
             if not isinstance(ck.get("path"), str) or not isinstance(ck.get("sha256"), str):
                 raise FileRefused("the final event names no snapshot path and sha256")
             with open_file(ck["path"], self.settings.file_roots) as file:
-                copy = file.copy_into(self.copies, ck["sha256"])
+                copy = file.copy_into(self.copies, ck["sha256"], name="best.pt")
         except FileRefused as exc:
             self.runs.dead_letter(f"output model not logged: {exc}", run_id=run_id)
             return
@@ -347,7 +347,7 @@ class ClearmlSink:
             self.client.hset(state_key, "task_id", task.id)
         if not offline():  # models go to the files server (CLEARML_FILES_HOST)
             task.output_uri = True
-        task.connect(dict(session.get("args") or {}), name="General")
+        task.connect(dict(session.get("args") or {}), name="General", ignore_remote_overrides=True)  # as Ultralytics
         task.add_tags(task_tags(session, run_id))
         self.client.hset(state_key, mapping={"task_ready": 1, "name": task_name(session, run_id)})
         self.client.hdel(state_key, "creating")

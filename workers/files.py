@@ -86,9 +86,11 @@ class OpenedFile:
         if held is not None:
             yield held
 
-    def copy_into(self, directory: Path, sha256: str | None = None) -> Path:
-        """A private copy (in ``directory``, which only this worker writes) of the checked bytes."""
-        fd, name = tempfile.mkstemp(dir=directory, suffix=Path(self.named).suffix)
+    def copy_into(self, directory: Path, sha256: str | None = None, *, name: str | None = None) -> Path:
+        """A private copy (in ``directory``, which only this worker writes) of the checked bytes,
+        named ``<name's stem>-<random><suffix>`` (the SDK shows the name)."""
+        shown = Path(name or self.named)
+        fd, name = tempfile.mkstemp(dir=directory, prefix=f"{shown.stem}-", suffix=shown.suffix)
         try:
             with os.fdopen(fd, "wb") as out:
                 for chunk in self.chunks(sha256):
