@@ -36,16 +36,16 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def no_drainer_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Drainers that tests' publishers started (waiting for a Redis a test stopped, or for sinks a
-    test never ran) end with the session."""
+@pytest.fixture(autouse=True)
+def no_drainer_left(tmp_path: Path) -> Iterator[None]:
+    """Drainers the test's publishers started (for a Redis the test stopped, or for snapshots
+    waiting for sinks the test never ran) end with the test."""
     yield
-    base = str(tmp_path_factory.getbasetemp())
+    base = str(tmp_path).encode()
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError, ValueError):
             args = cmdline.read_bytes().split(b"\0")
-            if b"producers.drain" in args and any(a.startswith(base.encode()) for a in args):
+            if b"producers.drain" in args and any(a.startswith(base) for a in args):
                 os.kill(int(cmdline.parent.name), signal.SIGKILL)
 
 
