@@ -93,6 +93,16 @@ def hub() -> Iterator:
     server.stop()
 
 
+@pytest.fixture
+def clearml() -> Iterator:
+    """The ClearML test server as a process."""
+    from tests.pipeline import ClearmlServer
+
+    server = ClearmlServer()
+    yield server
+    server.stop()
+
+
 def stream_events(client: redis.Redis, keys: Keys) -> list[dict]:
     """Every event on the stream, decoded, in stream order."""
     return [orjson.loads(fields[b"event"]) for _, fields in client.xrange(keys.events)]

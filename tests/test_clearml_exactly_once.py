@@ -20,13 +20,6 @@ from tests.pipeline import ClearmlServer, Pipeline
 
 
 @pytest.fixture
-def clearml():
-    server = ClearmlServer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def online(redis_url, namespace, hub, spool_dir, clearml):
     p = Pipeline(
         redis_url,

@@ -199,13 +199,6 @@ def test_two_interleaved_runs_land_in_two_tasks_with_nothing_crossed(pipeline, s
 
 
 @pytest.fixture
-def clearml():
-    server = ClearmlServer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def online(redis_url, namespace, hub, spool_dir, workdir, clearml):
     p = clearml_pipeline(redis_url, namespace, hub, spool_dir, workdir, TRAINBUS_CLEARML_TIMEOUT_S=3, **clearml.env())
     yield p

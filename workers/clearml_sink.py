@@ -523,22 +523,17 @@ class ClearmlSink:
     def _report_copies(self, run_id: str, logger: Any, todo: dict[str, Any], copies: dict[str, Path]) -> None:
         for unit, copy in copies.items():
             entry = todo[unit]
-            if entry["plot"]:
-                logger._report_image_plot_and_upload(
-                    title=entry["title"],
-                    series=entry["series"],
-                    path=str(copy),
-                    iteration=entry["iteration"],
-                    delete_after_upload=True,
-                )
-            else:
-                logger.report_image(
-                    title=entry["title"],
-                    series=entry["series"],
-                    local_path=str(copy),
-                    iteration=entry["iteration"],
-                    delete_after_upload=True,
-                )
+            # a plot goes where report_matplotlib_figure(report_interactive=False) puts it
+            report, file_arg = (
+                (logger._report_image_plot_and_upload, "path") if entry["plot"] else (logger.report_image, "local_path")
+            )
+            report(
+                title=entry["title"],
+                series=entry["series"],
+                iteration=entry["iteration"],
+                delete_after_upload=True,
+                **{file_arg: str(copy)},
+            )
             self.owner.handed(run_id, f"f{unit}")
 
     # -- bookkeeping ----------------------------------------------------------------------
