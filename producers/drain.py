@@ -28,7 +28,7 @@ from pathlib import Path
 import redis
 
 from producers.flusher import REDIS_DOWN, Pusher, connect
-from producers.retention import collect
+from producers.retention import Held, collect
 from producers.snapshot import Snapshotter
 from producers.spool import RunLock, RunSpool, run_dirs
 from shared.backoff import compute_backoff
@@ -41,7 +41,8 @@ DRAINER_GIVE_UP_S = 24 * 3600  # the detached drainer stops trying after a day
 DRAIN_LOG = "drain.log"
 JANITOR_LOCK = "janitor.lock"  # held by the one drainer of a spool directory that waits for sinks
 LOCK_POLL_S = 0.2
-COLLECT_POLL_S = 5.0
+COLLECT_POLL_S = 5.0  # how soon to look again at snapshots waiting for sinks, doubling to
+COLLECT_MAX_POLL_S = 300.0  # ... this
 
 
 @dataclass
@@ -119,6 +120,8 @@ def wait_for_sinks(root: Path, redis_url: str, keys: Keys, retention_s: float, d
     lock = RunLock(root / JANITOR_LOCK)
     client = connect(redis_url)
     attempt = 0
+    polls = COLLECT_POLL_S
+    said: list[Held] | None = None
     while time.monotonic() < deadline:
         if not lock.acquire():
             return  # another drainer of this spool does it; it looks at every run
@@ -133,11 +136,13 @@ def wait_for_sinks(root: Path, redis_url: str, keys: Keys, retention_s: float, d
             if not collect(root, client, keys, retention_s) or not lock.acquire():
                 return
             continue
-        if held:
+        if held and [(h.run_id, h.waiting_for) for h in held] != [(h.run_id, h.waiting_for) for h in said or []]:
             log.info(
                 "snapshots held for %s", ", ".join(f"{h.run_id} (waiting for {','.join(h.waiting_for)})" for h in held)
             )
-        time.sleep(COLLECT_POLL_S if held else compute_backoff(attempt, base=1.0, cap=60.0))
+            said = held
+        time.sleep(compute_backoff(attempt, base=1.0, cap=60.0) if held is None else min(polls, COLLECT_MAX_POLL_S))
+        polls = polls * 2 if held else COLLECT_POLL_S
     lock.release()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -36,17 +37,29 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
-@pytest.fixture(autouse=True)
-def no_drainer_left(tmp_path: Path) -> Iterator[None]:
-    """Drainers the test's publishers started (for a Redis the test stopped, or for snapshots
-    waiting for sinks the test never ran) end with the test."""
-    yield
-    base = str(tmp_path).encode()
+def kill_drainers(below: Path) -> None:
+    """SIGKILL every drainer process whose spool directory lies below ``below``."""
+    base = str(below).encode()
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError, ValueError):
             args = cmdline.read_bytes().split(b"\0")
             if b"producers.drain" in args and any(a.startswith(base) for a in args):
                 os.kill(int(cmdline.parent.name), signal.SIGKILL)
+
+
+@pytest.fixture(autouse=True)
+def no_drainer_left(tmp_path: Path) -> Iterator[None]:
+    """Drainers the test's publishers started (for a Redis the test stopped, or for snapshots
+    waiting for sinks the test never ran) end with the test."""
+    yield
+    kill_drainers(tmp_path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_drainer_left_at_exit(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Publishers a test left open close at interpreter exit and may start a drainer then:
+    an exit handler registered before theirs runs after them (exit handlers run last first)."""
+    atexit.register(kill_drainers, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture
