@@ -336,3 +336,20 @@ def test_a_hub_reply_cut_off_mid_body_is_retried_with_backoff_not_failed(pipelin
     assert pipeline.cli("failed").stdout.strip() == "no failed drain jobs", "a cut-off reply is not a failure for good"
     logs = b"".join(p.read_bytes() for p in spool_dir.glob("proc-*.log"))
     assert logs.count(b"outcome=retry") >= 3 and b"ChunkedEncodingError" in logs
+
+
+def test_a_model_creation_that_got_no_answer_is_said_out_loud_before_the_next(
+    pipeline, hub, spool_dir, client, keys, tmp_path
+):
+    """HUB creates the model but the answer comes after the client's timeout: HUB's protocol cannot
+    find a model by run, so the second creation is preceded by a dead letter saying so."""
+    hub.fault(endpoint="create", hang=4, count=1)  # past TRAINBUS_HUB_TIMEOUT_S=2
+    pipeline.dispatcher()
+    pipeline.worker()
+    with Publisher(redis_url=pipeline.redis_url, namespace=pipeline.namespace, spool_dir=spool_dir, run_id="x2") as bus:
+        train(bus, tmp_path / "x2", epochs=1)
+    model = wait_for(lambda: [r["model"] for r in hub.requests("metrics")], timeout=60)[0]
+    wait_for(lambda: final_uploads(hub, model), timeout=60)
+    assert len(hub.requests("create", status=None)) == 2
+    reasons = [f[b"reason"].decode() for _, f in client.xrange(keys.dead_letters)]
+    assert any("HUB may hold an extra model" in r for r in reasons), reasons

@@ -13,7 +13,7 @@ import redis
 from rq import Queue
 
 from producers import Publisher
-from tests.helpers import wait_for
+from tests.helpers import children, wait_for
 from tests.pipeline import MODEL_ID, ROOT, Pipeline, metrics_by_epoch, train
 from workers.embedded_redis import RedisServer, free_port
 from workers.rq_worker import worker_command, worker_env
@@ -57,6 +57,9 @@ def test_an_acl_user_with_a_password_works_end_to_end_and_is_never_logged(tmp_pa
     try:
         assert redis.Redis.from_url(url).ping()
         p = delivered_through(url, namespace, hub, spool_dir, tmp_path / "acl")
+        for proc in p.procs:  # what `ps` shows: the URL travels in RQ_REDIS_URL, not in a worker's arguments
+            for pid in (proc.pid, *children(proc.pid)):
+                assert PASSWORD.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
         p.stop()
         logs = b"".join(path.read_bytes() for path in spool_dir.glob("proc-*.log"))
         assert PASSWORD.encode() not in logs
