@@ -29,7 +29,7 @@ import requests
 from producers import Publisher
 from shared.keys import Keys
 from tests.helpers import children
-from workers.rq_worker import worker_command
+from workers.pipeline.rq_worker import worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -84,10 +84,10 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 class HubProcess:
-    """``python -m workers.local_hub`` with the given models, and its recorded requests."""
+    """``python -m workers.devstack.local_hub`` with the given models, and its recorded requests."""
 
     def __init__(self, models: Iterable[str] = ()) -> None:
-        args = [sys.executable, "-m", "workers.local_hub", "--api-key", API_KEY]
+        args = [sys.executable, "-m", "workers.devstack.local_hub", "--api-key", API_KEY]
         for model in models:
             args += ["--model", model]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
@@ -146,7 +146,7 @@ class Stack:
     def dispatcher(self, *, burst: bool = False) -> subprocess.Popen:
         """``trainbus dispatch``: until the stack closes, or with ``burst`` until the stream has nothing new."""
         name = f"dispatcher-{len(self.procs)}"
-        return self._start([sys.executable, "-m", "workers.cli", "dispatch", *(["--burst"] if burst else [])], name)
+        return self._start([sys.executable, "-m", "workers.ops.cli", "dispatch", *(["--burst"] if burst else [])], name)
 
     def publisher(self, run_id: str, hub_model: str | None = None) -> Publisher:
         """A producer of this namespace, its spool under the work directory (the workers' file root)."""

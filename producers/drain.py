@@ -27,12 +27,13 @@ from pathlib import Path
 
 import redis
 
-from producers.flusher import REDIS_DOWN, Pusher, connect
+from producers.flusher import Pusher
 from producers.retention import Held, collect
 from producers.snapshot import Snapshotter
-from producers.spool import RunLock, RunSpool, run_dirs
+from producers.spool import FileLock, RunSpool, run_dirs
 from shared.backoff import compute_backoff
 from shared.keys import Keys
+from shared.redis_client import PRODUCER, REDIS_UNAVAILABLE, connect
 from shared.settings import Settings, redact_url
 
 log = logging.getLogger("trainbus.drain")
@@ -82,7 +83,7 @@ def drain(
     """Push every pending run until done, retrying with backoff while Redis is down and waiting
     for pusher locks held by other processes. A file error of the spool itself stops it."""
     report = DrainReport()
-    client = connect(redis_url)
+    client = connect(redis_url, PRODUCER)
     deadline = time.monotonic() + give_up_after
     started_with = {r.run_id for r in pending_runs(root, run_ids)}
     attempt = 0
@@ -97,7 +98,7 @@ def drain(
                 report.pushed += n
                 if on_progress:
                     on_progress(run.run_id, n)
-        except REDIS_DOWN as exc:
+        except REDIS_UNAVAILABLE as exc:
             report.last_error = f"Redis at {redact_url(redis_url)} unreachable: {exc}"
             time.sleep(min(compute_backoff(attempt, base=0.5, cap=60.0), max(0.0, deadline - time.monotonic())))
             attempt += 1
@@ -117,8 +118,8 @@ def drain(
 
 def wait_for_sinks(root: Path, redis_url: str, keys: Keys, retention_s: float, deadline: float) -> None:
     """Stay (one per spool directory) while snapshots wait for sinks; remove them when they may go."""
-    lock = RunLock(root / JANITOR_LOCK)
-    client = connect(redis_url)
+    lock = FileLock(root / JANITOR_LOCK)
+    client = connect(redis_url, PRODUCER)
     attempt = 0
     polls = COLLECT_POLL_S
     said: list[Held] | None = None
@@ -128,7 +129,7 @@ def wait_for_sinks(root: Path, redis_url: str, keys: Keys, retention_s: float, d
         try:
             held = collect(root, client, keys, retention_s)
             attempt = 0
-        except REDIS_DOWN:
+        except REDIS_UNAVAILABLE:
             held = None
             attempt += 1
         if held == []:

@@ -32,13 +32,12 @@ from producers.spool import Position, Record, RunSpool, SpoolWriter, read_record
 from shared.backoff import compute_backoff
 from shared.events import EventType
 from shared.keys import LIVENESS_REFRESH_S, LIVENESS_TTL_S, PUSHED_TTL_S, Keys
+from shared.redis_client import REDIS_UNAVAILABLE
 
 log = logging.getLogger("trainbus.flusher")
 
 BATCH_RECORDS = 256
 SNAPSHOT_TYPES = frozenset({EventType.CHECKPOINT.value, EventType.FINAL.value})
-# Redis cannot take events now (down, restarting, or full under maxmemory): keep them, retry.
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.OutOfMemoryError)
 
 # KEYS: stream, producer hash.  ARGV: ttl, spool id, then spool seq, event pairs in order.
 # The hash: pushed = the run's last seq in the stream; spool + offset = the spool pushing now
@@ -76,17 +75,6 @@ redis.call('HSET', KEYS[2], 'pushed', pushed, 'l:' .. ARGV[2], mine)
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 return mine
 """
-
-
-def connect(redis_url: str) -> redis.Redis:
-    """A client whose calls can never hang: every socket operation has a timeout."""
-    return redis.Redis.from_url(
-        redis_url,
-        socket_timeout=5,
-        socket_connect_timeout=2,
-        health_check_interval=15,
-        retry_on_timeout=False,
-    )
 
 
 class Pusher:
@@ -278,7 +266,7 @@ class Flusher:
                 self._refresh_liveness()
                 self._set_redis_up(True)
                 self._spool_ok()
-            except REDIS_DOWN as exc:
+            except REDIS_UNAVAILABLE as exc:
                 self._set_redis_up(False, exc)
                 self._sleep(compute_backoff(self._attempt, base=0.2, cap=10.0))
                 self._attempt += 1

@@ -34,7 +34,7 @@ from importlib import metadata
 from typing import Any
 
 from producers.drain import pending_runs, spawn_drainer
-from producers.flusher import Flusher, Pusher, connect
+from producers.flusher import Flusher, Pusher
 from producers.snapshot import Snapshotter, checkpoint_request
 from producers.spool import RunSpool, SpoolWriter, run_dirs
 from shared.encoding import encode
@@ -42,6 +42,7 @@ from shared.errors import TrainbusError
 from shared.events import KEPT_WHEN_FULL, MAX_EVENT_BYTES, EventType, encode_event
 from shared.hub_model import parse_hub_model
 from shared.keys import Keys
+from shared.redis_client import PRODUCER, connect
 from shared.settings import SECRET_ENV_VARS, Settings
 
 log = logging.getLogger("trainbus.publisher")
@@ -87,7 +88,7 @@ class Publisher:
         try:
             self._writer = SpoolWriter(self._run, int(self.settings.spool_max_mb * (1 << 20)))
             self._snapshots = Snapshotter(self._run.checkpoint_dir)
-            self._client = connect(self.settings.redis_url)
+            self._client = connect(self.settings.redis_url, PRODUCER)
             pusher = Pusher(self._run, self._client, self.keys, self._snapshots, self._writer)
             self._flusher = Flusher(pusher, housekeeping=self._hand_off_others)
             self._snapshots.on_done = self._flusher.wake

@@ -56,8 +56,8 @@ class Position:
     offset: int
 
 
-class RunLock:
-    """A non-blocking flock on a file in the run directory; released on process death."""
+class FileLock:
+    """A non-blocking flock on a file (in a run directory); released on process death."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -101,8 +101,8 @@ class RunSpool:
         self.run_id = run_id
         self.dir = Path(root) / run_id
         self.checkpoint_dir = self.dir / "checkpoints"
-        self.writer_lock = RunLock(self.dir / "writer.lock")
-        self.pusher_lock = RunLock(self.dir / "pusher.lock")
+        self.writer_lock = FileLock(self.dir / "writer.lock")
+        self.pusher_lock = FileLock(self.dir / "pusher.lock")
         self._seq_file = self.dir / "seq"
         self._id_file = self.dir / "spool-id"
 

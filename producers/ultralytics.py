@@ -8,8 +8,8 @@
         model.add_callback(event, fn)
     model.train(data="coco8.yaml", epochs=3)
 
-``callbacks`` is configured from the ``TRAINBUS_*`` environment (checked at import, so a
-bad value stops the script before training starts); ``make_callbacks(**settings)`` takes
+``callbacks`` is configured from the ``TRAINBUS_*`` environment (checked where it is
+imported, so a bad value stops the script before training starts); ``make_callbacks(**settings)`` takes
 the same settings as arguments. A publisher (spool, flusher thread) opens when a training
 starts and closes at interpreter exit.
 
@@ -245,4 +245,10 @@ def _model_info(trainer: Any) -> dict[str, Any]:
         return {}
 
 
-callbacks: dict[str, Callback] = make_callbacks()
+def __getattr__(name: str) -> dict[str, Callback]:
+    """``from producers.ultralytics import callbacks`` builds them from the environment right there
+    (a bad value stops the script at that line); importing the module alone reads nothing."""
+    if name == "callbacks":
+        globals()["callbacks"] = built = make_callbacks()
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,13 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlparse
 
+from shared.errors import TrainbusError
+
+
+class InvalidHubModel(TrainbusError, ValueError):
+    """Not a HUB model identifier; the message never echoes a key."""
+
+
 MODEL_ID = re.compile(r"^[A-Za-z0-9]{20}$")
 API_KEY = re.compile(r"^[A-Za-z0-9]{42}$")
 FORMATS = (
@@ -36,7 +43,7 @@ def parse_hub_model(identifier: str) -> HubModelRef:
         return HubModelRef(model_id=parts[1], api_key=parts[0])
     if MODEL_ID.match(text):
         return HubModelRef(model_id=text)
-    raise ValueError(f"expected {FORMATS}; got a value of {len(text)} characters")
+    raise InvalidHubModel(f"expected {FORMATS}; got a value of {len(text)} characters")
 
 
 def looks_like_hub_model(text: str) -> bool:
@@ -52,6 +59,6 @@ def _parse_url(text: str) -> HubModelRef:
     url = urlparse(text)
     segments = [s for s in url.path.split("/") if s]
     if len(segments) < 2 or segments[-2] != "models" or not MODEL_ID.match(segments[-1]):
-        raise ValueError(f"expected {FORMATS}; the URL path does not end in /models/<20-character id>")
+        raise InvalidHubModel(f"expected {FORMATS}; the URL path does not end in /models/<20-character id>")
     api_key = parse_qs(url.query).get("api_key", [None])[0]
     return HubModelRef(model_id=segments[-1], api_key=api_key)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared.sinks import SINKS
+
 DEFAULT_NAMESPACE = "trainbus"
 LIVENESS_TTL_S = 30  # a producer silent this long is considered dead
 LIVENESS_REFRESH_S = 10  # how often a live producer's flusher refreshes its key
 PUSHED_TTL_S = 7 * 24 * 3600  # how long a replayed spool is still deduplicated
 RUN_STATE_TTL_S = 7 * 24 * 3600  # per-run sink state kept after the run is finished
-QUEUES = {"hub": "hub-uploads", "clearml": "clearml"}  # sink -> RQ queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,14 @@ class Keys:
         makes replaying a spool harmless: entries at or below ``pushed`` are skipped.
         """
         return f"{self.namespace}:run:{run_id}:producer"
+
+    def stop(self, run_id: str) -> str:
+        """The run's stop order (who gave it): the Platform's cancel, or ``trainbus stop``.
+
+        Written by workers and operators; the training process reads it in the background
+        and the next hook tells the trainer to stop.
+        """
+        return f"{self.namespace}:run:{run_id}:stop"
 
     def alive(self, run_id: str) -> str:
         """Liveness key refreshed by the producer's flusher with a short TTL."""
@@ -65,8 +74,8 @@ class Keys:
         return f"{self.namespace}:metrics"
 
     def queue(self, sink: str) -> str:
-        """RQ queue of a sink: ``hub-uploads``/``clearml``, prefixed outside the default namespace."""
-        name = QUEUES[sink]
+        """RQ queue of a sink (``hub-uploads``, ``clearml``, ...), prefixed outside the default namespace."""
+        name = SINKS[sink].queue
         return name if self.namespace == DEFAULT_NAMESPACE else f"{self.namespace}.{name}"
 
     def state(self, sink: str, run_id: str) -> str:

@@ -20,15 +20,18 @@ from urllib.parse import urlparse
 from shared.errors import SettingsError
 from shared.events import RUN_ID_PATTERN
 from shared.hub_model import HubModelRef, parse_hub_model
-from shared.keys import DEFAULT_NAMESPACE, QUEUES
+from shared.keys import DEFAULT_NAMESPACE
+from shared.sinks import SINKS
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_HUB_API_URL = "https://api.ultralytics.com"
+DEFAULT_PLATFORM_URL = "https://platform.ultralytics.com"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # Secrets a training process may have in its environment; never allowed into an event.
 SECRET_ENV_VARS = (
     "TRAINBUS_HUB_API_KEY",
+    "TRAINBUS_PLATFORM_API_KEY",
     "ULTRALYTICS_API_KEY",
     "CLEARML_API_ACCESS_KEY",
     "CLEARML_API_SECRET_KEY",
@@ -79,6 +82,13 @@ def hours_setting(variable: str, value: str) -> float:
     return number_setting(variable, value, "hours")
 
 
+def count_setting(variable: str, value: str) -> int:
+    """A whole number of at least 1 (requests per window, say)."""
+    if not value.isdigit() or int(value) < 1:
+        raise SettingsError(variable, f"{value[:40]!r} is not a whole number of at least 1 (e.g. 100)")
+    return int(value)
+
+
 def path_setting(variable: str, value: str) -> Path:
     return Path(value).expanduser()
 
@@ -94,9 +104,9 @@ def paths_setting(variable: str, value: str) -> tuple[Path, ...]:
 
 def sinks_setting(variable: str, value: str) -> tuple[str, ...]:
     sinks = tuple(s.strip() for s in value.split(",") if s.strip())
-    unknown = [s for s in sinks if s not in QUEUES]
+    unknown = [s for s in sinks if s not in SINKS]
     if unknown or not sinks:
-        raise SettingsError(variable, f"{value!r}: use a comma-separated list of {', '.join(QUEUES)}")
+        raise SettingsError(variable, f"{value!r}: use a comma-separated list of {', '.join(SINKS)}")
     return sinks
 
 
@@ -130,7 +140,7 @@ def redis_url_setting(variable: str, url: str) -> str:
 def http_url_setting(variable: str, url: str) -> str:
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise SettingsError(variable, "expected an http(s) URL with a host, e.g. https://api.ultralytics.com")
+        raise SettingsError(variable, "expected an http(s) URL with a host, e.g. https://platform.ultralytics.com")
     return url.rstrip("/")
 
 
@@ -220,9 +230,19 @@ class WorkerSettings:
         "TRAINBUS_FILE_ROOTS", paths_setting, default_factory=lambda: (default_spool_dir().resolve(),)
     )
     group_abandon_h: float = env_field("TRAINBUS_GROUP_ABANDON_H", hours_setting, default=24.0)
+    platform_url: str = env_field("TRAINBUS_PLATFORM_URL", http_url_setting, default=DEFAULT_PLATFORM_URL)
+    platform_api_key: str | None = env_field("TRAINBUS_PLATFORM_API_KEY", text_setting, default=None, repr=False)
+    platform_project: str | None = env_field("TRAINBUS_PLATFORM_PROJECT", text_setting, default=None)
+    platform_timeout_s: float = env_field("TRAINBUS_PLATFORM_TIMEOUT_S", number_setting, default=30.0)
+    # The Platform's documented limits, per API key: 100 requests a minute, 10 uploads a minute.
+    platform_events_per_min: int = env_field("TRAINBUS_PLATFORM_EVENTS_PER_MIN", count_setting, default=100)
+    platform_uploads_per_min: int = env_field("TRAINBUS_PLATFORM_UPLOADS_PER_MIN", count_setting, default=10)
+    platform_window_s: float = env_field("TRAINBUS_PLATFORM_WINDOW_S", number_setting, default=60.0)
 
     def __post_init__(self) -> None:
         positive("TRAINBUS_GROUP_ABANDON_H", self.group_abandon_h)
+        positive("TRAINBUS_PLATFORM_TIMEOUT_S", self.platform_timeout_s)
+        positive("TRAINBUS_PLATFORM_WINDOW_S", self.platform_window_s)
         positive("TRAINBUS_RATE_METRICS", self.rate_metrics)
         positive("TRAINBUS_RATE_CKPT", self.rate_ckpt)
         positive("TRAINBUS_RATE_HEARTBEAT", self.rate_heartbeat)

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from shared.keys import Keys
-from workers.embedded_redis import RedisServer
+from workers.devstack.embedded_redis import RedisServer
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 

@@ -20,7 +20,7 @@ from producers import Publisher
 from shared.keys import Keys
 from tests.clearml_server import ACCESS_KEY, SECRET_KEY
 from tests.helpers import children
-from workers.rq_worker import worker_command
+from workers.pipeline.rq_worker import worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "k" * 42
@@ -28,10 +28,10 @@ MODEL_ID = "M" * 20
 
 
 class HubServer:
-    """``python -m workers.local_hub`` as a process, with its control API."""
+    """``python -m workers.devstack.local_hub`` as a process, with its control API."""
 
     def __init__(self, *models: str, api_key: str = API_KEY) -> None:
-        args = [sys.executable, "-m", "workers.local_hub", "--api-key", api_key]
+        args = [sys.executable, "-m", "workers.devstack.local_hub", "--api-key", api_key]
         for model in models:
             args += ["--model", model]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -112,7 +112,7 @@ class Pipeline:
         self.log_dir = spool_dir
 
     def dispatcher(self, *extra: str) -> subprocess.Popen:
-        return self._start([sys.executable, "-m", "workers.cli", "dispatch", "--claim-idle", "1", *extra])
+        return self._start([sys.executable, "-m", "workers.ops.cli", "dispatch", "--claim-idle", "1", *extra])
 
     def worker(self, sink: str = "hub") -> subprocess.Popen:
         """``rq worker`` for a sink's queue: forking for hub-uploads, SimpleWorker for clearml."""
@@ -120,7 +120,7 @@ class Pipeline:
 
     def cli(self, *args: str, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "workers.cli", *args],
+            [sys.executable, "-m", "workers.ops.cli", *args],
             env={**self.env, **env},
             cwd=ROOT,
             capture_output=True,

@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
 from shared.events import encode_event
+from shared.keys import Keys
 from tests.helpers import wait_for
 from tests.pipeline import ClearmlServer, Pipeline
 
@@ -133,3 +135,46 @@ def test_a_task_creation_that_outlives_its_timeout_makes_one_task_and_no_pile_of
     assert len(tasks_named(clearml, run)) == 1, "one task per run"
     assert sorted(scalars(clearml, run)) == [("train", "train/loss", 0, 0.0)]
     assert threads_late <= threads_early + 1, f"threads grew from {threads_early} to {threads_late} while retrying"
+
+
+def test_reports_the_sdk_sent_while_redis_was_down_are_confirmed_once_it_is_back(
+    own_redis, namespace, hub, spool_dir, clearml
+):
+    """The SDK sends during a Redis outage; the confirmation must wait for Redis, not be forgotten
+    (the chaos run found a run that never completed: its units stayed handed to a live worker)."""
+    own_redis.extra = ("--appendonly", "yes")
+    own_redis.start()
+    client, keys = redis.Redis.from_url(own_redis.url), Keys(namespace)
+    p = Pipeline(
+        own_redis.url,
+        namespace,
+        hub,
+        spool_dir,
+        TRAINBUS_SINKS="clearml",
+        TRAINBUS_CLEARML_TIMEOUT_S=2,
+        **clearml.env(),
+    )
+    try:
+        p.dispatcher()
+        p.worker("clearml")
+        run = "outage"
+        client.xadd(keys.events, event(run, 0, "session", args={"epochs": 6}, name=run))
+        for n in range(3):
+            client.xadd(keys.events, epoch(run, 1 + n, n))
+        wait_for(lambda: len(scalars(clearml, run)) == 3, timeout=60)
+        clearml.fault(down=True)
+        for n in range(3, 6):
+            client.xadd(keys.events, epoch(run, 1 + n, n))
+        wait_for(lambda: client.hlen(keys.pending("clearml", run, "handed")) == 3, timeout=60)
+        own_redis.stop()
+        clearml.fault(down=False)
+        wait_for(lambda: len(scalars(clearml, run)) == 6, timeout=60)  # sent while Redis is down
+        wait_for(lambda: b"confirming ClearML reports failed" in logs(p), timeout=30)
+        own_redis.start()
+        client.xadd(keys.events, event(run, 7, "run_end", status="completed"))
+        wait_for(lambda: completed(clearml, run), timeout=90)
+        got = scalars(clearml, run)
+        assert sorted(got) == [("train", "train/loss", n, float(n)) for n in range(6)]
+        assert set(got.values()) == {1}
+    finally:
+        p.stop()

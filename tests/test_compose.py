@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from shared.keys import Keys
-from workers.rq_worker import WORKER_CLASS, WORKER_FLAGS
+from shared.sinks import SINKS
+from workers.pipeline.rq_worker import WORKER_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -58,7 +59,7 @@ def test_trainbus_commands_exist(service):
     command = COMPOSE["services"][service]["command"]
     assert command[0] == "trainbus"
     out = subprocess.run(
-        [sys.executable, "-m", "workers.cli", *command[1:], "--help"],
+        [sys.executable, "-m", "workers.ops.cli", *command[1:], "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -70,9 +71,9 @@ def test_trainbus_commands_exist(service):
 @pytest.mark.parametrize(("service", "sink"), [("hub-uploads", "hub"), ("clearml", "clearml")])
 def test_worker_commands_use_our_queue_worker_class_and_json(service, sink):
     command = COMPOSE["services"][service]["command"]
-    assert command == ["rq", "worker", Keys().queue(sink), "-w", WORKER_CLASS[sink], *WORKER_FLAGS], (
+    assert command == ["rq", "worker", Keys().queue(sink), "-w", SINKS[sink].worker, *WORKER_FLAGS], (
         "the command the demo and the tests run"
     )
-    module, _, name = WORKER_CLASS[sink].rpartition(".")
+    module, _, name = SINKS[sink].worker.rpartition(".")
     assert hasattr(importlib.import_module(module), name)
     assert "rq.serializers.JSONSerializer" in command

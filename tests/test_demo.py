@@ -23,7 +23,7 @@ def demo(tmp_path: Path, redis_url: str, *extra: str) -> tuple[subprocess.Comple
         [
             sys.executable,
             "-m",
-            "workers.cli",
+            "workers.ops.cli",
             "demo",
             *FAST,
             "--workdir",

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from workers.files import FileMissing, FileRefused, list_dir, open_file
+from workers.sinks.files import FileMissing, FileRefused, list_dir, open_file
 
 
 @pytest.fixture

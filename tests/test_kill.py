@@ -56,7 +56,7 @@ def test_killed_with_redis_down_then_trainbus_spool_replay(own_redis, namespace,
     assert seqs == list(range(201))
     own_redis.start()
     env = dict(os.environ, TRAINBUS_REDIS_URL=own_redis.url, TRAINBUS_NAMESPACE=namespace)
-    replay = [sys.executable, "-m", "workers.cli", "spool", "replay", "--spool-dir", str(spool_dir)]
+    replay = [sys.executable, "-m", "workers.ops.cli", "spool", "replay", "--spool-dir", str(spool_dir)]
     out = subprocess.run(replay, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "done: 201 events pushed; 1 run(s) fully delivered" in out.stdout

@@ -11,8 +11,8 @@ from pathlib import Path
 import requests
 
 from tests.helpers import wait_for
-from workers.embedded_redis import free_port
-from workers.telemetry import Counters
+from workers.counters import Counters
+from workers.devstack.embedded_redis import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def test_metrics_endpoint_serves_counters_latency_and_lag(redis_url, namespace, 
     port = free_port()
     env = dict(os.environ, TRAINBUS_REDIS_URL=redis_url, TRAINBUS_NAMESPACE=namespace, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "metrics", "--port", str(port), "--host", "127.0.0.1"],
+        [sys.executable, "-m", "workers.ops.cli", "metrics", "--port", str(port), "--host", "127.0.0.1"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,

@@ -60,7 +60,7 @@ def accepted(proc: subprocess.Popen) -> list[int]:
 def replay(spool: Path, redis_url: str, namespace: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TRAINBUS_REDIS_URL=redis_url, TRAINBUS_NAMESPACE=namespace, PYTHONPATH=str(ROOT))
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", "spool", "replay", "--spool-dir", str(spool), "--wait", "60"],
+        [sys.executable, "-m", "workers.ops.cli", "spool", "replay", "--spool-dir", str(spool), "--wait", "60"],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -154,7 +154,7 @@ def test_a_resumed_runs_spool_limit_frees_what_a_drainer_delivered_of_the_old_ba
     proxy = DelayProxy(url.hostname, url.port or 6379, delay=0.05)
     try:
         drainer = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "spool", "replay", "--spool-dir", str(spool), "--wait", "60"],
+            [sys.executable, "-m", "workers.ops.cli", "spool", "replay", "--spool-dir", str(spool), "--wait", "60"],
             env=dict(os.environ, TRAINBUS_REDIS_URL=proxy.url, TRAINBUS_NAMESPACE=namespace, PYTHONPATH=str(ROOT)),
             cwd=ROOT,
         )
@@ -218,7 +218,7 @@ def test_snapshots_are_removed_once_every_sink_is_done_with_the_run(redis_url, n
     bus.close()
     held = spool / "kept" / "checkpoints"
     status = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "spool", "gc", "--spool-dir", str(spool)],
+        [sys.executable, "-m", "workers.ops.cli", "spool", "gc", "--spool-dir", str(spool)],
         env=dict(os.environ, TRAINBUS_REDIS_URL=redis_url, TRAINBUS_NAMESPACE=namespace, PYTHONPATH=str(ROOT)),
         cwd=ROOT,
         capture_output=True,

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from workers.rate_limit import RateLimiter
+from workers.sinks.rate_limit import RateLimiter
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from rq import Queue
 from producers import Publisher
 from tests.helpers import children, wait_for
 from tests.pipeline import MODEL_ID, ROOT, Pipeline, metrics_by_epoch, train
-from workers.embedded_redis import RedisServer, free_port
-from workers.rq_worker import worker_command, worker_env
+from workers.devstack.embedded_redis import RedisServer, free_port
+from workers.pipeline.rq_worker import worker_command, worker_env
 
 USER, PASSWORD = "trainbus", "s3cret-acl-password"
 

@@ -12,7 +12,7 @@ import pytest
 from shared.errors import SettingsError
 from shared.hub_model import parse_hub_model
 from shared.settings import Settings, WorkerSettings, redact_url
-from workers.rq_worker import worker_command, worker_env
+from workers.pipeline.rq_worker import worker_command, worker_env
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "k" * 42
@@ -90,7 +90,7 @@ def test_workers_and_dispatchers_refuse_to_start_on_a_bad_setting(redis_url):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRAINBUS_RATE_CKPT": "-1", "TRAINBUS_NAMESPACE": "test-bad-setting"}
     for command in (
         worker_command("test-bad-setting.hub-uploads", "hub"),
-        [sys.executable, "-m", "workers.cli", "dispatch"],
+        [sys.executable, "-m", "workers.ops.cli", "dispatch"],
     ):
         out = subprocess.run(
             command, env=worker_env(env, redis_url), cwd=ROOT, capture_output=True, text=True, timeout=60

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def status(redis_url: str, namespace: str, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TRAINBUS_REDIS_URL=redis_url, TRAINBUS_NAMESPACE=namespace, TRAINBUS_SINKS="hub,clearml")
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *extra], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "workers.ops.cli", *extra], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
     )
 
 

@@ -11,7 +11,7 @@ from shared.keys import Keys
 from shared.settings import WorkerSettings
 from tests.helpers import wait_for
 from tests.pipeline import MODEL_ID, Pipeline
-from workers.dispatch import Dispatcher
+from workers.pipeline.dispatch import Dispatcher
 
 
 def test_a_far_out_seq_is_dead_lettered_and_per_run_state_stays_small(own_redis, namespace):

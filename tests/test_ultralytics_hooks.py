@@ -151,7 +151,11 @@ def test_module_callbacks_read_the_environment_and_bad_values_stop_the_script(tm
         "TRAINBUS_SPOOL_DIR": str(tmp_path),
     }
     out = subprocess.run(
-        [sys.executable, "-c", "import producers.ultralytics"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", "from producers.ultralytics import callbacks"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode != 0
     assert "TRAINBUS_EXIT_FLUSH_S: 'soon' is not a number of seconds" in out.stderr

@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import wait_for
 from tests.pipeline import ROOT
-from workers.rq_worker import worker_command, worker_env
+from workers.pipeline.rq_worker import worker_command, worker_env
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

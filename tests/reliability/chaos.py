@@ -34,7 +34,7 @@ from rq import Queue, Worker
 from shared.keys import Keys
 from tests.clearml_server import ACCESS_KEY, SECRET_KEY
 from tests.pipeline import API_KEY, ROOT, ClearmlServer, HubServer, Pipeline
-from workers.embedded_redis import RedisServer
+from workers.devstack.embedded_redis import RedisServer
 
 RUNS = 3
 JITTER_S = 0.25  # server arrival times vs the limiter's: scheduling delays on a loaded 2-core machine

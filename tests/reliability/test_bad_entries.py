@@ -16,7 +16,7 @@ from shared.errors import InvalidEvent
 from shared.events import PAYLOAD_FIELDS, TYPES, decode_event, encode_event
 from shared.keys import Keys
 from shared.settings import WorkerSettings
-from workers.dispatch import Dispatcher
+from workers.pipeline.dispatch import Dispatcher
 
 SINKS = ("hub", "clearml")
 

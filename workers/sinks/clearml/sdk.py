@@ -141,9 +141,9 @@ class Owner:
             count = len(handle.handed)
         if sdk_sending(handle.task):
             return count
+        self._confirm(run_id, handle.handed[:count])  # Redis first: if it fails, the units stay to confirm later
         with self._lock:
-            done, handle.handed[:count] = handle.handed[:count], []
-        self._confirm(run_id, done)
+            del handle.handed[:count]
         return len(handle.handed)
 
     def forget(self, run_id: str) -> None:

@@ -26,11 +26,14 @@ from shared.backoff import compute_backoff
 from shared.errors import InvalidEvent
 from shared.events import MAX_SEQ_AHEAD, Event, decode_event
 from shared.keys import Keys
+from shared.redis_client import REDIS_UNAVAILABLE
 from shared.settings import WorkerSettings, redact_url
-from workers.drain_job import enqueue_drain, make_sink
-from workers.groups import mark_fed, refresh_abandoned
-from workers.sink import RunState, Sink
-from workers.telemetry import Counters
+from workers.counters import Counters
+from workers.pipeline.groups import mark_fed, refresh_abandoned
+from workers.pipeline.queues import enqueue_drain
+from workers.sinks.interface import Sink
+from workers.sinks.registry import make_sink
+from workers.sinks.run_state import RunState
 
 log = logging.getLogger("trainbus.dispatch")
 
@@ -80,7 +83,7 @@ class Dispatcher:
                 self.ensure_groups()
                 moved = self.step(block_ms=0 if burst else BLOCK_MS)
                 attempt = 0
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.OutOfMemoryError) as exc:
+            except REDIS_UNAVAILABLE as exc:
                 delay = compute_backoff(attempt, base=0.5, cap=10.0)
                 log.warning(
                     "Redis at %s unavailable or full (%s); retrying in %.1f s",

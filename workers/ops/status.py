@@ -14,10 +14,9 @@ import redis
 from rq.registry import FailedJobRegistry
 
 from shared.keys import Keys
-from workers.drain_job import queue_for
-from workers.groups import groups as consumer_groups
-
-NEXT_SLOTS = ("metrics", "ckpt", "heartbeat", "final", "create")
+from workers.pipeline.groups import groups as consumer_groups
+from workers.pipeline.queues import queue_for
+from workers.sinks.registry import sink_class
 
 
 def pipeline_status(client: redis.Redis, keys: Keys, sinks: tuple[str, ...]) -> dict[str, Any]:
@@ -58,19 +57,11 @@ def _queue(client: redis.Redis, keys: Keys, sink: str) -> dict[str, Any]:
 def _run(client: redis.Redis, keys: Keys, sink: str, run_id: str, now: float) -> dict[str, Any]:
     state = {k.decode(): v.decode() for k, v in client.hgetall(keys.state(sink, run_id)).items()}
     last = float(state.get("last_event_ts", 0) or 0)
-    pending = {}
-    for kind in ("metrics", "events", "media", "files"):
-        key = keys.pending(sink, run_id, kind)
-        kind_of = client.type(key)
-        if kind_of == b"hash":
-            pending[kind] = client.hlen(key)
-        elif kind_of == b"zset":
-            pending[kind] = client.zcard(key)
-    for kind in ("ckpt", "final"):
-        if client.hexists(keys.pending(sink, run_id, kind), "data"):
-            pending[kind] = 1
+    pending = {kind: n for kind, n in sink_class(sink).pending(client, keys, run_id).items() if n}
     next_in = {
-        kind: round(max(0.0, float(state[f"next:{kind}"]) - now), 1) for kind in NEXT_SLOTS if f"next:{kind}" in state
+        field.removeprefix("next:"): round(max(0.0, float(value) - now), 1)
+        for field, value in state.items()
+        if field.startswith("next:")
     }
     alive_ttl = client.ttl(keys.alive(run_id))
     blocked = client.get(keys.blocked(sink, run_id))
@@ -81,6 +72,7 @@ def _run(client: redis.Redis, keys: Keys, sink: str, run_id: str, now: float) ->
         "next_upload_in_s": next_in,
         "retries": int(state.get("retries", 0)),
         "retrying": sorted(k.removeprefix("fail:") for k in state if k.startswith("fail")),
+        "error": state.get("error"),
         "ended": state.get("ended"),
         "blocked": blocked.decode() if blocked else None,
     }

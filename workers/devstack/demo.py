@@ -27,11 +27,14 @@ from typing import Any
 import orjson
 import redis
 
+from producers.ultralytics import UltralyticsHooks
 from shared.keys import Keys
-from shared.settings import redact_url
-from workers.embedded_redis import RedisServer
-from workers.local_hub import Fault, LocalHub
-from workers.rq_worker import worker_command, worker_env
+from shared.redis_client import COMMAND, Timeouts, connect
+from shared.settings import Settings, redact_url
+from workers.devstack.embedded_redis import RedisServer
+from workers.devstack.local_hub import Fault, LocalHub
+from workers.pipeline.rq_worker import worker_command, worker_env
+from workers.sinks.registry import sink_class
 
 DEMO_API_KEY = "d" * 42
 DEMO_MODEL = "DemoModel00000000000"  # 20 characters, as HUB model ids are
@@ -47,6 +50,7 @@ class Stack:
     redis: RedisServer | None = None
     hub: LocalHub | None = None
     procs: list[subprocess.Popen] = field(default_factory=list)
+    sinks: tuple[str, ...] = ("hub", "clearml")
     env: dict[str, str] = field(default_factory=dict)
 
     def stop(self) -> None:
@@ -122,7 +126,7 @@ def start_stack(stack: Stack, args: argparse.Namespace) -> None:
         os.environ,
         TRAINBUS_REDIS_URL=stack.redis_url,
         TRAINBUS_NAMESPACE=stack.namespace,
-        TRAINBUS_SINKS="hub,clearml",
+        TRAINBUS_SINKS=",".join(stack.sinks),
         TRAINBUS_SPOOL_DIR=str(stack.workdir / "spool"),
         TRAINBUS_FILE_ROOTS=str(stack.workdir),
         TRAINBUS_RATE_METRICS=str(args.rate_metrics),
@@ -137,7 +141,7 @@ def start_stack(stack: Stack, args: argparse.Namespace) -> None:
     else:
         stack.hub = LocalHub(0, DEMO_API_KEY, (DEMO_MODEL,))
         for fault in args.hub_fault:
-            stack.hub.state.faults.append(parse_fault(fault))
+            stack.hub.recorder.faults.append(parse_fault(fault))
         threading.Thread(target=stack.hub.serve_forever, daemon=True).start()
         env.update(TRAINBUS_HUB_API_URL=stack.hub.url, TRAINBUS_HUB_API_KEY=DEMO_API_KEY, TRAINBUS_HUB_MODEL=DEMO_MODEL)
         print(
@@ -153,8 +157,8 @@ def start_stack(stack: Stack, args: argparse.Namespace) -> None:
     logs.mkdir(exist_ok=True)
     keys = Keys(stack.namespace)
     commands = {
-        "dispatcher": [sys.executable, "-m", "workers.cli", "dispatch"],
-        **{f"worker-{sink}": worker_command(keys.queue(sink), sink) for sink in ("hub", "clearml")},
+        "dispatcher": [sys.executable, "-m", "workers.ops.cli", "dispatch"],
+        **{f"worker-{sink}": worker_command(keys.queue(sink), sink) for sink in stack.sinks},
     }
     for name, command in commands.items():
         with open(logs / f"{name}.log", "wb") as log:
@@ -164,7 +168,7 @@ def start_stack(stack: Stack, args: argparse.Namespace) -> None:
 
 def answers(url: str) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+        return bool(connect(url, Timeouts(connect=1, socket=1)).ping())
     except (redis.RedisError, OSError, ValueError):
         return False
 
@@ -310,8 +314,6 @@ def save_results_plot(values: list[float], path: Path) -> None:
 
 def train(stack: Stack, epochs: int) -> TrainReport:
     """Run the training in this process, with the callbacks timed on every call."""
-    from producers.ultralytics import UltralyticsHooks
-    from shared.settings import Settings
 
     hooks = UltralyticsHooks(Settings.from_env(stack.env), fixed_run_id=False)
     callbacks = hooks.callbacks()
@@ -328,7 +330,7 @@ def train(stack: Stack, epochs: int) -> TrainReport:
     call("on_pretrain_routine_start", t)
     call("on_pretrain_routine_end", t)
     call("on_train_start", t)
-    hub_state = stack.hub.state if stack.hub else None
+    hub_state = stack.hub.recorder if stack.hub else None
     for epoch in range(epochs):
         t.epoch = epoch
         started = time.monotonic()
@@ -364,23 +366,21 @@ def train(stack: Stack, epochs: int) -> TrainReport:
 
 
 def queue_depths(stack: Stack) -> str:
-    client = redis.Redis.from_url(stack.redis_url)
+    client = connect(stack.redis_url, COMMAND)
     keys = Keys(stack.namespace)
-    return " ".join(f"{sink}={client.llen('rq:queue:' + keys.queue(sink))}" for sink in ("hub", "clearml"))
+    return " ".join(f"{sink}={client.llen('rq:queue:' + keys.queue(sink))}" for sink in stack.sinks)
 
 
 # -- delivery and the summary ------------------------------------------------------------
 
 
 def wait_delivered(stack: Stack, report: TrainReport, timeout: float) -> bool:
-    client = redis.Redis.from_url(stack.redis_url)
+    client = connect(stack.redis_url, COMMAND)
     keys = Keys(stack.namespace)
     deadline = time.monotonic() + timeout
     print("training done; waiting for HUB and ClearML to receive everything ...", flush=True)
     while time.monotonic() < deadline:
-        hub = client.hget(keys.state("hub", report.run_id), "final_done")
-        clearml = client.hget(keys.state("clearml", report.run_id), "ended")
-        if hub and clearml and not client.zcard(keys.pending("clearml", report.run_id, "events")):
+        if all(sink_class(sink).delivered(client, keys, report.run_id) for sink in stack.sinks):
             print(f"delivered {time.time() - report.last_event_at:.1f} s after the last event", flush=True)
             return True
         time.sleep(0.2)
@@ -389,11 +389,11 @@ def wait_delivered(stack: Stack, report: TrainReport, timeout: float) -> bool:
 
 
 def summarize(stack: Stack, report: TrainReport, delivered: bool) -> dict[str, Any]:
-    client = redis.Redis.from_url(stack.redis_url)
+    client = connect(stack.redis_url, COMMAND)
     keys = Keys(stack.namespace)
     hub_state = {k.decode(): v.decode() for k, v in client.hgetall(keys.state("hub", report.run_id)).items()}
     cml_state = {k.decode(): v.decode() for k, v in client.hgetall(keys.state("clearml", report.run_id)).items()}
-    requests = list(stack.hub.state.requests) if stack.hub else []
+    requests = list(stack.hub.recorder.requests) if stack.hub else []
     by_type: dict[str, int] = {}
     for r in requests:
         if r.get("status") == 200:

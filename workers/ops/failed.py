@@ -17,7 +17,7 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from shared.keys import Keys
-from workers.drain_job import queue_for
+from workers.pipeline.queues import queue_for
 
 
 @dataclass
@@ -45,7 +45,11 @@ def failed_drains(client: redis.Redis, keys: Keys, sinks: tuple[str, ...]) -> li
 
 
 def requeue_failed(client: redis.Redis, keys: Keys, sinks: tuple[str, ...]) -> list[FailedDrain]:
-    """Unblock each failed run and send its job again."""
+    """Unblock each failed run (and a sink's refused API key) and send its job again."""
+    for sink in sinks:  # a refused key blocks every run of it: once fixed, all may go again
+        refused = list(client.scan_iter(match=keys.blocked(sink, "key-*"), count=1000))
+        if refused:
+            client.delete(*refused)
     requeued = []
     for drain in failed_drains(client, keys, sinks):
         client.delete(keys.blocked(drain.sink, drain.run_id))

@@ -1,11 +1,6 @@
-"""What every sink does with a run: record work (dispatcher side), drain it (worker side).
+"""Per-run bookkeeping every sink shares: recorded seqs, active runs, finishing, dead letters.
 
 A sink keeps per-run state in Redis under ``<ns>:<sink>:<run>:*`` (see ``shared/keys.py``).
-``record`` is called by the dispatcher for each event, in a pipeline, and must be
-idempotent: a redelivered entry writes the same state again. ``drain`` is called by a
-drain job holding the run's lock; it does what the rate limits allow now and returns the
-seconds until it has more to do, or None when the run needs nothing more.
-
 Which seqs of a run a sink has recorded is kept as a count and a set: every seq below
 ``next`` was recorded, and ``ahead`` holds the recorded seqs above it (entries that
 arrived out of order). Both grow only with entries the run really sent, whatever seq an
@@ -16,15 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 import redis
 
-from shared.errors import TrainbusError
 from shared.events import Event
 from shared.keys import RUN_STATE_TTL_S, Keys
-from workers.telemetry import Counters
+from workers.counters import Counters
 
 log = logging.getLogger("trainbus.sink")
 
@@ -60,18 +54,22 @@ if new then
 end
 """
 MARK_SEEN = SEEN_LUA + "return new and 1 or 0\n"
-
-
-class SinkRefused(TrainbusError):
-    """A sink's service refused a run for good (bad key, unknown model): blocked until requeued."""
-
-
-class Sink(Protocol):
-    name: str
-
-    def record(self, pipe: redis.client.Pipeline, event: Event) -> None: ...
-
-    def drain(self, run_id: str) -> float | None: ...
+# KEYS: pending hash (seq, data, recorded_at, ts), state hash. ARGV: seq, data, kind, event ts.
+# Keeps the newest. 'seq' stays after a sink removes 'data', so a redelivered older entry
+# is ignored; a replaced entry that was never sent counts as superseded.
+SET_IF_NEWER = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
+if tonumber(ARGV[1]) <= current then
+  return 0
+end
+if redis.call('HEXISTS', KEYS[1], 'data') == 1 then
+  redis.call('HINCRBY', KEYS[2], ARGV[3] .. '_superseded', 1)
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'data', ARGV[2], 'recorded_at', tostring(now), 'ts', ARGV[4])
+return 1
+"""
 
 
 class RunState:
@@ -83,6 +81,7 @@ class RunState:
         self.sink = sink
         self._hdel_if_same = client.register_script(HDEL_IF_SAME)
         self._mark_seen = client.register_script(MARK_SEEN)
+        self._set_if_newer = client.register_script(SET_IF_NEWER)
         self.counters = Counters(client, keys)
 
     def seen_keys(self, run_id: str) -> list[str]:
@@ -101,6 +100,14 @@ class RunState:
     def mark_active(self, pipe: redis.client.Pipeline, event: Event) -> None:
         pipe.sadd(self.keys.active(self.sink), event.run_id)
         pipe.hset(self.keys.state(self.sink, event.run_id), "last_event_ts", repr(event.ts))
+
+    def set_if_newer(self, pipe: redis.client.Pipeline, event: Event, kind: str) -> None:
+        """``pending:<kind>`` holds the event's payload unless a later seq is there already (latest wins)."""
+        self._set_if_newer(
+            keys=[self.keys.pending(self.sink, event.run_id, kind), self.keys.state(self.sink, event.run_id)],
+            args=[event.seq, orjson.dumps(event.payload), kind, repr(event.ts)],
+            client=pipe,
+        )
 
     def recorded_below(self, run_id: str) -> int:
         """Every seq below this number was recorded: the first one still missing."""

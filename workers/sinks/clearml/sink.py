@@ -44,9 +44,9 @@ from shared.backoff import compute_backoff
 from shared.events import Event, EventType
 from shared.keys import LIVENESS_TTL_S, Keys
 from shared.settings import WorkerSettings
-from workers.clearml_sdk import ClearmlBusy, ClearmlTimeout, Owner, TaskHandle, offline
-from workers.files import FileMissing, FileRefused, list_dir, open_file, private_dir
-from workers.sink import SEEN_LUA, RunState
+from workers.sinks.clearml.sdk import ClearmlBusy, ClearmlTimeout, Owner, TaskHandle, offline
+from workers.sinks.files import FileMissing, FileRefused, list_dir, open_file, private_dir
+from workers.sinks.run_state import SEEN_LUA, RunState
 
 log = logging.getLogger("trainbus.clearml")
 
@@ -103,6 +103,19 @@ class ClearmlSink:
 
     def _key(self, run_id: str, kind: str) -> str:
         return self.keys.pending(SINK, run_id, kind)
+
+    @staticmethod
+    def pending(client: redis.Redis, keys: Keys, run_id: str) -> dict[str, int]:
+        pipe = client.pipeline(transaction=False)
+        pipe.zcard(keys.pending(SINK, run_id, "events"))
+        for kind in ("media", "files", "handed"):
+            pipe.hlen(keys.pending(SINK, run_id, kind))
+        return dict(zip(("events", "media", "files", "unsent"), pipe.execute(), strict=True))
+
+    @staticmethod
+    def delivered(client: redis.Redis, keys: Keys, run_id: str) -> bool:
+        ended = client.hexists(keys.state(SINK, run_id), "ended")
+        return bool(ended) and not any(ClearmlSink.pending(client, keys, run_id).values())
 
     # -- dispatcher side -----------------------------------------------------------------
 

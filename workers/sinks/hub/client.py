@@ -18,7 +18,7 @@ import orjson
 import requests
 
 from shared.errors import TrainbusError
-from workers.files import OpenedFile
+from workers.sinks.files import OpenedFile
 
 CONNECT_TIMEOUT_S = 10
 UPLOAD_TIMEOUT_FACTOR = 10  # the server may take a while to store a large file

@@ -1,0 +1,1 @@
+"""What operators run: the ``trainbus`` command, status, failed jobs, the Prometheus exporter."""
