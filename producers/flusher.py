@@ -37,6 +37,7 @@ from shared.redis_client import REDIS_UNAVAILABLE
 log = logging.getLogger("trainbus.flusher")
 
 BATCH_RECORDS = 256
+STOP_CHECK_S = 1.0  # how often a live run looks for its stop order
 SNAPSHOT_TYPES = frozenset({EventType.CHECKPOINT.value, EventType.FINAL.value})
 
 # KEYS: stream, producer hash.  ARGV: ttl, spool id, then spool seq, event pairs in order.
@@ -205,10 +206,19 @@ class Pusher:
 class Flusher:
     """The training process's background thread: spool to Redis, and liveness."""
 
-    def __init__(self, pusher: Pusher, housekeeping: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        pusher: Pusher,
+        housekeeping: Callable[[], None] = lambda: None,
+        on_stop_order: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         self.pusher = pusher
         self.run_ended = False
         self._housekeeping = housekeeping  # once, when the thread starts (off the hook path)
+        self._on_stop_order = on_stop_order  # once, when the run's stop order appears in Redis
+        self._next_stop_check = 0.0
+        self._stop_order_seen = False
+        self._periodic: list[list[Any]] = []  # [interval, fn, next time], run in this thread
         self._wake = threading.Event()
         self._stop = False
         self._done = threading.Condition()
@@ -220,6 +230,10 @@ class Flusher:
 
     def start(self) -> None:
         self._thread.start()
+
+    def every(self, seconds: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in this thread every ``seconds`` (work a hook must not pay for, e.g. sampling)."""
+        self._periodic.append([seconds, fn, 0.0])
 
     def wake(self) -> None:
         """Called by the hook after an append: the cheapest possible hand-off."""
@@ -258,12 +272,14 @@ class Flusher:
             self._wake.clear()
             if self._stop:
                 break
+            self._run_periodic()
             if not lock.acquire():
                 continue  # a drainer from an earlier process is still pushing this run
             try:
                 self._refresh_liveness()  # first: a long backlog must not make the producer look dead
                 self.pusher.push_available(lambda: not self._stop)
                 self._refresh_liveness()
+                self._check_stop_order()
                 self._set_redis_up(True)
                 self._spool_ok()
             except REDIS_UNAVAILABLE as exc:
@@ -299,6 +315,27 @@ class Flusher:
         if now >= self._next_liveness:
             client.set(key, b"1", ex=LIVENESS_TTL_S)
             self._next_liveness = now + LIVENESS_REFRESH_S
+
+    def _check_stop_order(self) -> None:
+        """Once a second: has a worker (a Platform cancel) or an operator (``trainbus stop``) said stop?"""
+        now = time.monotonic()
+        if self._stop_order_seen or self.run_ended or now < self._next_stop_check:
+            return
+        self._next_stop_check = now + STOP_CHECK_S
+        reason = self.pusher.client.get(self.pusher.keys.stop(self.pusher.run.run_id))
+        if reason:
+            self._stop_order_seen = True
+            self._on_stop_order(reason.decode(errors="replace"))
+
+    def _run_periodic(self) -> None:
+        now = time.monotonic()
+        for task in self._periodic:
+            if now >= task[2]:
+                task[2] = now + task[0]
+                try:
+                    task[1]()
+                except Exception:  # a sampler must never stop the pushing
+                    log.debug("periodic task %r failed", task[1], exc_info=True)
 
     def _run_housekeeping(self) -> None:
         try:

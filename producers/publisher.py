@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from typing import Any
 
@@ -66,8 +66,18 @@ class Publisher:
     unset ones come from the ``TRAINBUS_*`` environment variables.
     """
 
-    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        on_stop: Callable[[str], None] | None = None,
+        **overrides: Any,
+    ) -> None:
+        """``on_stop(reason)``: called once, from trainbus's background thread, when the run is told
+        to stop (cancelled in the Ultralytics Platform, or ``trainbus stop RUN``)."""
         self.settings = settings or Settings.from_env(**overrides)
+        self.stop_reason: str | None = None
+        self._on_stop = on_stop
         self.run_id = self.settings.run_id
         self.keys = Keys(self.settings.namespace)
         self._lock = threading.Lock()
@@ -90,7 +100,7 @@ class Publisher:
             self._snapshots = Snapshotter(self._run.checkpoint_dir)
             self._client = connect(self.settings.redis_url, PRODUCER)
             pusher = Pusher(self._run, self._client, self.keys, self._snapshots, self._writer)
-            self._flusher = Flusher(pusher, housekeeping=self._hand_off_others)
+            self._flusher = Flusher(pusher, housekeeping=self._hand_off_others, on_stop_order=self._stop_ordered)
             self._snapshots.on_done = self._flusher.wake
             self._snapshots.start()
             self._flusher.start()
@@ -100,6 +110,24 @@ class Publisher:
             self._run.writer_lock.release()
             raise
         atexit.register(self.close)
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once the run was told to stop: the training loop should end at its next epoch boundary."""
+        return self.stop_reason is not None
+
+    def every(self, seconds: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` every ``seconds`` in trainbus's background thread, not in a hook."""
+        self._flusher.every(seconds, fn)
+
+    def _stop_ordered(self, reason: str) -> None:
+        self.stop_reason = reason
+        log.warning("run %s was told to stop (%s); stop the training at the next epoch", self.run_id, reason)
+        if self._on_stop is not None:
+            try:
+                self._on_stop(reason)
+            except Exception:
+                log.exception("the on_stop callback of run %s failed", self.run_id)
 
     @property
     def next_seq(self) -> int:
@@ -277,13 +305,28 @@ class Publisher:
         return self.publish(type, payload)
 
     def final(
-        self, best: str | os.PathLike[str], epoch: int, metrics: Mapping[str, Any], *, map50_95: float | None = None
+        self,
+        best: str | os.PathLike[str],
+        epoch: int,
+        metrics: Mapping[str, Any],
+        *,
+        map50_95: float | None = None,
+        summary: Mapping[str, Any] | None = None,
     ) -> int | None:
-        """Training finished: the best checkpoint (snapshotted) and the final metrics."""
-        return self.publish(
-            EventType.FINAL,
-            {"epoch": epoch, "metrics": metrics, "map50_95": map50_95, "checkpoint": checkpoint_request(best, "final")},
-        )
+        """Training finished: the best checkpoint (snapshotted) and the final metrics.
+
+        ``summary``: what the Platform's ``training_complete`` also carries (best epoch and
+        fitness, class names, plots' data, ...); the Ultralytics callbacks fill it.
+        """
+        payload = {
+            "epoch": epoch,
+            "metrics": metrics,
+            "map50_95": map50_95,
+            "checkpoint": checkpoint_request(best, "final"),
+        }
+        if summary is not None:
+            payload["summary"] = dict(summary)
+        return self.publish(EventType.FINAL, payload)
 
     def end(self, status: str = "completed", error: str | None = None) -> int | None:
         """The run is over (``completed``, ``failed`` or ``stopped``); liveness stops."""

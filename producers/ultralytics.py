@@ -36,6 +36,7 @@ from shared.settings import Settings, generate_run_id
 log = logging.getLogger("trainbus.ultralytics")
 
 PLOT_NAMES = ("results.png", "confusion_matrix.png", "confusion_matrix_normalized.png")
+SYSTEM_EVERY_S = 10.0  # how often the machine's load is sampled for the Platform
 PLOT_PATTERN = "*_curve.png"  # F1/PR/P/R curves, prefixed by task in recent releases
 MAP_KEY = "metrics/mAP50-95(B)"
 
@@ -51,6 +52,7 @@ class UltralyticsHooks:
         self.publisher: Publisher | None = None
         self.failure: str | None = None  # why this training is not recorded (said once)
         self._fit_epochs_seen: set[int] = set()
+        self.system = SystemSampler()
 
     def bus(self) -> Publisher | _Unrecorded:
         """The open publisher, opened on first use (val/predict/export may come first).
@@ -68,6 +70,7 @@ class UltralyticsHooks:
                 log.error("trainbus cannot record this training (%s); its hooks do nothing", self.failure)
                 return UNRECORDED
             self._add_ultralytics_key()
+            self.publisher.every(SYSTEM_EVERY_S, self.system.sample)
             return self.publisher
         return UNRECORDED
 
@@ -90,10 +93,13 @@ class UltralyticsHooks:
             save_dir=str(getattr(trainer, "save_dir", "") or "") or None,
             epochs=getattr(trainer, "epochs", args.get("epochs")),
             framework="ultralytics",
+            device=str(getattr(trainer, "device", "") or args.get("device") or ""),
+            environment=_environment(),  # once, as the Platform's callbacks do (a few ms)
         )
 
     def on_pretrain_routine_end(self, trainer: Any) -> None:
         self.bus().lifecycle(EventType.PRETRAIN_END)
+        self._obey_stop(trainer)  # the trainer's set-up reset trainer.stop: an order from the start holds
 
     def on_train_start(self, trainer: Any) -> None:
         self.bus().lifecycle(EventType.TRAIN_START, epochs=getattr(trainer, "epochs", None))
@@ -104,6 +110,7 @@ class UltralyticsHooks:
         self.bus().metrics(epoch, _train_losses(trainer), stage="train", lr=dict(lr))
         if epoch == 0 and getattr(trainer, "save_dir", None):
             self.bus().media("debug", "Mosaic", directory=trainer.save_dir, pattern="train_batch*.jpg", iteration=epoch)
+        self._obey_stop(trainer)
 
     def on_fit_epoch_end(self, trainer: Any) -> None:
         epoch = getattr(trainer, "epoch", None)
@@ -112,10 +119,18 @@ class UltralyticsHooks:
         )
         self._fit_epochs_seen.add(epoch)
         metrics = {**_train_losses(trainer), **(getattr(trainer, "metrics", None) or {})}
-        extra: dict[str, Any] = {"epoch_time": getattr(trainer, "epoch_time", None), "final_eval": final_eval}
+        extra: dict[str, Any] = {
+            "epoch_time": getattr(trainer, "epoch_time", None),
+            "final_eval": final_eval,
+            "fitness": getattr(trainer, "fitness", None),
+            "best_fitness": getattr(trainer, "best_fitness", None),
+            "lr": _first_lr(trainer),
+            "system": self.system.latest,  # sampled in trainbus's thread, not here
+        }
         if epoch == 0 and not final_eval:
             extra["model_info"] = _model_info(trainer)  # costly: once, as HUB and ClearML do
         self.bus().metrics(epoch, metrics, stage="fit", **extra)
+        self._obey_stop(trainer)
 
     def on_model_save(self, trainer: Any) -> None:
         fitness = getattr(trainer, "fitness", None)
@@ -132,9 +147,13 @@ class UltralyticsHooks:
         metrics = getattr(trainer, "metrics", None) or {}
         validator_metrics = getattr(getattr(getattr(trainer, "validator", None), "metrics", None), "results_dict", None)
         bus.final(
-            trainer.best, getattr(trainer, "epoch", 0), validator_metrics or metrics, map50_95=metrics.get(MAP_KEY, 0)
+            trainer.best,
+            getattr(trainer, "epoch", 0),
+            validator_metrics or metrics,
+            map50_95=metrics.get(MAP_KEY, 0),
+            summary=_summary(trainer),
         )
-        bus.end("completed")
+        bus.end("stopped" if getattr(self.publisher, "stop_requested", False) else "completed")
 
     # -- validator, predictor, exporter -----------------------------------------------
 
@@ -152,6 +171,17 @@ class UltralyticsHooks:
 
     def on_export_start(self, exporter: Any) -> None:
         self.bus().lifecycle(EventType.EXPORT_START)
+
+    def _obey_stop(self, trainer: Any) -> None:
+        """A stop order for the run (a Platform cancel, ``trainbus stop``): end at the next epoch boundary,
+        as Ultralytics' own Platform callback does."""
+        if self.publisher is not None and self.publisher.stop_requested and not getattr(trainer, "stop", False):
+            trainer.stop = True
+            log.warning(
+                "trainbus: run %s: %s; training stops after this epoch",
+                self.publisher.run_id,
+                self.publisher.stop_reason,
+            )
 
     def callbacks(self) -> dict[str, Callback]:
         """The dict for ``model.add_callback``: every hook guarded so it never raises."""
@@ -233,6 +263,77 @@ def _plots(trainer: Any) -> list[str]:
     validator = getattr(trainer, "validator", None)
     registered = [*(getattr(trainer, "plots", None) or {}), *(getattr(validator, "plots", None) or {})]
     return [str(p) for p in registered if "batch" not in getattr(p, "name", str(p))]
+
+
+class SystemSampler:
+    """The machine's load (cpu, ram, disks, network, gpus) as the Platform's callbacks report it,
+    sampled in trainbus's background thread; a hook only reads ``latest``."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, Any] | None = None
+        self._logger: Any = None
+
+    def sample(self) -> None:
+        if self._logger is None:
+            from ultralytics.utils.logger import SystemLogger
+
+            self._logger = SystemLogger(all_drives=True)
+        self.latest = self._logger.get_metrics(rates=True)
+
+
+def _environment() -> dict[str, Any] | None:
+    """The environment the Platform's callbacks send at ``training_started``."""
+    try:
+        from ultralytics.utils.callbacks.platform import _get_environment_info
+
+        return dict(_get_environment_info())
+    except Exception:
+        log.debug("no Ultralytics environment info", exc_info=True)
+        return None
+
+
+def _first_lr(trainer: Any) -> float | None:
+    optimizer = getattr(trainer, "optimizer", None)
+    groups = getattr(optimizer, "param_groups", None)
+    return groups[0].get("lr") if groups else None
+
+
+def _summary(trainer: Any) -> dict[str, Any]:
+    """What the Platform's ``training_complete`` carries beyond the final metrics: best epoch and
+    fitness, class names, the plots' data and the per-image validation sample (a one-off at the end)."""
+    validator = getattr(trainer, "validator", None)
+    stopper = getattr(trainer, "stopper", None)
+    summary: dict[str, Any] = {
+        "metrics": {**(getattr(trainer, "metrics", None) or {}), "fitness": getattr(trainer, "fitness", None)},
+        "best_epoch": max(0, getattr(stopper, "best_epoch", (getattr(trainer, "epoch", 0) or 0) + 1) - 1),
+        "best_fitness": getattr(trainer, "best_fitness", None),
+    }
+    names = getattr(validator, "names", None) or (getattr(trainer, "data", None) or {}).get("names")
+    summary["class_names"] = list(names.values()) if isinstance(names, dict) else list(names) if names else None
+    try:
+        from ultralytics.utils.callbacks import platform as ul_platform
+
+        by_type: dict[str, Any] = {}
+        for info in (getattr(trainer, "plots", None) or {}).values():
+            if (info.get("data") or {}).get("type"):
+                by_type[info["data"]["type"]] = info["data"]
+        for info in reversed(list((getattr(validator, "plots", None) or {}).values())):
+            if (info.get("data") or {}).get("type"):
+                by_type.setdefault(info["data"]["type"], info["data"])
+        if (pr := by_type.get("pr_curve")) and validator is not None:
+            classes = [int(c) for c in validator.metrics.ap_class_index]
+            if len(classes) < len(validator.names):
+                by_type["pr_curve"] = {**pr, "classes": classes}
+        summary["plots"] = [ul_platform._interp_plot(p) for p in by_type.values()]
+        if getattr(trainer.args, "task", None) == "detect":
+            validation = ul_platform._validation_payload(validator.metrics.box.image_metrics)
+            if validation["rows"]:
+                summary["validation"] = validation
+        if calibration := getattr(trainer, "depth_calibration", None):
+            summary["calibration"] = calibration
+    except Exception:  # another Ultralytics release, or not a detection run: the rest still goes
+        log.debug("no Platform plots/validation", exc_info=True)
+    return summary
 
 
 def _model_info(trainer: Any) -> dict[str, Any]:

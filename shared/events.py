@@ -63,12 +63,22 @@ NUMBER = (int, float)
 # not null. Anything else in a payload is carried along unread. A field of the wrong type
 # would fail inside a sink, so decode_event refuses it up front with the field's name.
 PAYLOAD_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "session": {"args": dict, "name": str, "project": str, "hub_model_id": str},
+    "session": {"args": dict, "name": str, "project": str, "hub_model_id": str, "device": str, "environment": dict},
     "train_epoch": {"epoch": int, "metrics": dict, "lr": dict},
-    "fit_epoch": {"epoch": int, "metrics": dict, "model_info": dict, "epoch_time": NUMBER, "final_eval": bool},
+    "fit_epoch": {
+        "epoch": int,
+        "metrics": dict,
+        "model_info": dict,
+        "epoch_time": NUMBER,
+        "final_eval": bool,
+        "fitness": NUMBER,
+        "best_fitness": NUMBER,
+        "lr": NUMBER,
+        "system": dict,
+    },
     "checkpoint": {"epoch": int, "is_best": bool, "checkpoint": dict},
     "media": {"kind": str, "title": str, "paths": list, "dir": str, "pattern": str, "names": list, "iteration": int},
-    "final": {"epoch": int, "metrics": dict, "map50_95": NUMBER, "checkpoint": dict},
+    "final": {"epoch": int, "metrics": dict, "map50_95": NUMBER, "checkpoint": dict, "summary": dict},
     "run_end": {"status": str, "error": str},
 }
 CHECKPOINT_FIELDS: dict[str, type | tuple[type, ...]] = {

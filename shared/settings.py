@@ -218,7 +218,7 @@ class WorkerSettings:
 
     redis_url: str = env_field("TRAINBUS_REDIS_URL", redis_url_setting, default=DEFAULT_REDIS_URL)
     namespace: str = env_field("TRAINBUS_NAMESPACE", namespace_setting, default=DEFAULT_NAMESPACE)
-    sinks: tuple[str, ...] = env_field("TRAINBUS_SINKS", sinks_setting, default=("hub",))
+    sinks: tuple[str, ...] = env_field("TRAINBUS_SINKS", sinks_setting, default=("platform",))
     hub_api_url: str = env_field("TRAINBUS_HUB_API_URL", http_url_setting, default=DEFAULT_HUB_API_URL)
     hub_api_key: str | None = env_field("TRAINBUS_HUB_API_KEY", text_setting, default=None, repr=False)
     hub_timeout_s: float = env_field("TRAINBUS_HUB_TIMEOUT_S", number_setting, default=60.0)

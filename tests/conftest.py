@@ -116,6 +116,16 @@ def clearml() -> Iterator:
     server.stop()
 
 
+@pytest.fixture
+def platform() -> Iterator:
+    """The local Platform server as a process, knowing the key the pipeline tests use."""
+    from tests.pipeline import PlatformServer
+
+    server = PlatformServer()
+    yield server
+    server.stop()
+
+
 def stream_events(client: redis.Redis, keys: Keys) -> list[dict]:
     """Every event on the stream, decoded, in stream order."""
     return [orjson.loads(fields[b"event"]) for _, fields in client.xrange(keys.events)]

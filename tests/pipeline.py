@@ -57,6 +57,51 @@ class HubServer:
         self.proc.wait(timeout=10)
 
 
+PLATFORM_KEY = "ul_" + "a" * 40
+PLATFORM_PROJECT = "tester/pipeline"
+
+
+class PlatformServer:
+    """``python -m workers.devstack.local_platform`` as a process, with its control API."""
+
+    def __init__(self, api_key: str = PLATFORM_KEY, *limits: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.devstack.local_platform", "--api-key", api_key, *limits],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        self.url = self.proc.stdout.readline().rsplit(" ", 1)[-1].strip()
+
+    def control(self, action: str, **body: Any) -> dict:
+        return requests.post(f"{self.url}/_control/{action}", json=body, timeout=5).json()
+
+    def fault(self, **fault: Any) -> None:
+        self.control("faults", **fault)
+
+    def requests(self, endpoint: str | None = None, event: str | None = None) -> list[dict]:
+        got = requests.get(f"{self.url}/_control/requests", timeout=5).json()["requests"]
+        return [
+            r
+            for r in got
+            if (endpoint is None or r["endpoint"] == endpoint) and (event is None or r.get("event") == event)
+        ]
+
+    def models(self) -> list[dict]:
+        return requests.get(f"{self.url}/_control/models", timeout=5).json()["models"]
+
+    def env(self) -> dict[str, str]:
+        return {
+            "TRAINBUS_PLATFORM_URL": self.url,
+            "TRAINBUS_PLATFORM_API_KEY": PLATFORM_KEY,
+            "TRAINBUS_PLATFORM_PROJECT": PLATFORM_PROJECT,
+        }
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
 class ClearmlServer:
     """``python -m tests.clearml_server`` as a process."""
 
@@ -89,7 +134,7 @@ class ClearmlServer:
 class Pipeline:
     """Dispatchers and workers as processes sharing one environment."""
 
-    def __init__(self, redis_url: str, namespace: str, hub: HubServer, spool_dir: Path, **settings: Any) -> None:
+    def __init__(self, redis_url: str, namespace: str, hub: HubServer | None, spool_dir: Path, **settings: Any) -> None:
         spool_dir.mkdir(parents=True, exist_ok=True)
         self.redis_url = redis_url
         self.namespace = namespace
@@ -99,9 +144,10 @@ class Pipeline:
             TRAINBUS_REDIS_URL=redis_url,
             RQ_REDIS_URL=redis_url,
             TRAINBUS_NAMESPACE=namespace,
-            TRAINBUS_HUB_API_URL=hub.url,
+            TRAINBUS_HUB_API_URL=hub.url if hub else "http://127.0.0.1:1",
             TRAINBUS_HUB_API_KEY=API_KEY,
             TRAINBUS_FILE_ROOTS=str(spool_dir),
+            TRAINBUS_SINKS="hub",
             TRAINBUS_RATE_METRICS="0.2",
             TRAINBUS_RATE_CKPT="1",
             TRAINBUS_RATE_HEARTBEAT="0.5",

@@ -68,7 +68,9 @@ def test_trainbus_commands_exist(service):
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize(("service", "sink"), [("hub-uploads", "hub"), ("clearml", "clearml")])
+@pytest.mark.parametrize(
+    ("service", "sink"), [("platform", "platform"), ("hub-uploads", "hub"), ("clearml", "clearml")]
+)
 def test_worker_commands_use_our_queue_worker_class_and_json(service, sink):
     command = COMPOSE["services"][service]["command"]
     assert command == ["rq", "worker", Keys().queue(sink), "-w", SINKS[sink].worker, *WORKER_FLAGS], (

@@ -41,23 +41,26 @@ def demo(tmp_path: Path, redis_url: str, *extra: str) -> tuple[subprocess.Comple
     return out, (json.loads(summary.read_text()) if summary.exists() else {})
 
 
-def test_demo_delivers_everything_and_its_summary_is_true(tmp_path, redis_url):
-    out, s = demo(tmp_path, redis_url, "--hub-fault", "503x2", "--hub-fault", "429")
+def test_the_demo_to_hub_and_clearml_delivers_everything_and_its_summary_is_true(tmp_path, redis_url):
+    out, s = demo(
+        tmp_path, redis_url, "--sink", "hub", "--sink", "clearml", "--hub-fault", "503x2", "--hub-fault", "429"
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "everything delivered" in out.stdout and "epoch 3/3" in out.stdout
-    received = [r for r in s["hub_received"] if r.get("status") == 200]
+    hub = s["hub"]
+    received = [r for r in hub["received"] if r.get("status") == 200]
     metrics = [r for r in received if r["endpoint"] == "metrics"]
-    assert s["hub_requests"]["metrics"] == len(metrics) == s["metrics_requests"]
+    assert hub["requests"]["metrics"] == len(metrics) == hub["metrics_requests"]
     assert sorted(int(e) for r in metrics for e in r["metrics"]) == [0, 1, 2], "each epoch once"
-    assert s["hub_requests"]["upload-final"] == 1 and received[-1]["fields"]["type"] == "final"
-    assert s["hub_failed_requests"] == 3 == len([r for r in s["hub_received"] if r.get("status") != 200])
+    assert hub["requests"]["upload-final"] == 1 and received[-1]["fields"]["type"] == "final"
+    assert hub["failed_requests"] == 3 == len([r for r in hub["received"] if r.get("status") != 200])
     uploads = [r for r in received if r["endpoint"] == "upload" and r["fields"]["type"] == "epoch"]
-    assert s["checkpoints_uploaded"] == len(uploads)
-    assert s["checkpoints_uploaded"] + s["checkpoints_superseded"] == 3
+    assert hub["checkpoints_uploaded"] == len(uploads)
+    assert hub["checkpoints_uploaded"] + hub["checkpoints_superseded"] == 3
     client = redis.Redis.from_url(redis_url)
     pushed = int(client.hget(f"{s['namespace']}:run:{s['run_id']}:producer", "pushed"))
     assert s["events"] == pushed + 1, "every event the hooks produced is in Redis"
-    session = Path(s["clearml_session"])
+    session = Path(s["clearml"]["session"])
     events = [e for line in (session / "metrics.jsonl").read_text().splitlines() for e in json.loads(line)]
     scalars = [e for e in events if e["type"] == "training_stats_scalar" and e["metric"] != "Summary"]
     # per epoch: train loss, lr, 2 validation metrics, epoch time; then the final validation's 3 at iteration 3
@@ -70,6 +73,18 @@ def test_demo_delivers_everything_and_its_summary_is_true(tmp_path, redis_url):
     assert {e["metric"] for e in events if e["type"] == "training_debug_image"} == {"Mosaic", "Validation"}
     assert [e["metric"] for e in events if e["type"] == "plot"] == ["results"]
     assert s["hook_us_p50"] > 0 and s["last_event_to_last_upload_s"] >= 0
+
+
+def test_the_demo_to_the_platform_by_default_names_what_the_platform_received(tmp_path, redis_url):
+    out, s = demo(tmp_path, redis_url, "--hub-fault", "503x2")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert s["sinks"] == ["platform", "clearml"] and "Platform model" in out.stdout
+    platform = s["platform"]
+    events = [r for r in platform["received"] if r.get("status") == 200 and r["endpoint"] == "metrics"]
+    assert events[0]["event"] == "training_started" and events[-1]["event"] == "training_complete"
+    assert sorted(r["json"]["data"]["epoch"] for r in events if r["event"] == "epoch_end") == [0, 1, 2, 3]
+    assert platform["requests"]["epoch_end"] == platform["epochs_sent"] == 4, "3 epochs and the final validation"
+    assert platform["failed_requests"] == 2 and platform["model_url"]
 
 
 def test_demo_starts_and_stops_its_own_redis_when_none_answers(tmp_path):

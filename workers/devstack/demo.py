@@ -12,6 +12,7 @@ ClearML in offline mode (unless ``CLEARML_API_ACCESS_KEY`` is set), a dispatcher
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -31,12 +32,17 @@ from producers.ultralytics import UltralyticsHooks
 from shared.keys import Keys
 from shared.redis_client import COMMAND, Timeouts, connect
 from shared.settings import Settings, redact_url
+from shared.sinks import SINKS
 from workers.devstack.embedded_redis import RedisServer
-from workers.devstack.local_hub import Fault, LocalHub
+from workers.devstack.http_double import DoubleServer, Fault
+from workers.devstack.local_hub import LocalHub
+from workers.devstack.local_platform import LocalPlatform
 from workers.pipeline.rq_worker import worker_command, worker_env
 from workers.sinks.registry import sink_class
 
 DEMO_API_KEY = "d" * 42
+DEMO_PLATFORM_KEY = "ul_" + "d" * 40
+DEFAULT_SINKS = ("platform", "clearml")
 DEMO_MODEL = "DemoModel00000000000"  # 20 characters, as HUB model ids are
 
 
@@ -49,6 +55,7 @@ class Stack:
     namespace: str = ""
     redis: RedisServer | None = None
     hub: LocalHub | None = None
+    platform: LocalPlatform | None = None
     procs: list[subprocess.Popen] = field(default_factory=list)
     sinks: tuple[str, ...] = ("hub", "clearml")
     env: dict[str, str] = field(default_factory=dict)
@@ -62,8 +69,9 @@ class Stack:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if self.hub is not None:
-            self.hub.shutdown()
+        for server in (self.hub, self.platform):
+            if server is not None:
+                server.shutdown()
         if self.redis is not None:
             self.redis.stop()
 
@@ -74,6 +82,13 @@ def add_parser(commands: Any) -> None:
         help="run a small real training with the whole pipeline around it",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument(
+        "--sink",
+        action="append",
+        choices=sorted(SINKS),
+        help="deliver to this sink (repeatable; default: platform and clearml). Local servers stand in for "
+        "HUB and the Platform unless their URL and key are set; ClearML runs offline unless its keys are set",
     )
     demo.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
     demo.add_argument("--rate-metrics", type=float, default=1.0, help="seconds between HUB metrics requests")
@@ -95,7 +110,7 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="trainbus-demo-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    stack = Stack(workdir)
+    stack = Stack(workdir, sinks=tuple(dict.fromkeys(args.sink or DEFAULT_SINKS)))
     try:
         start_stack(stack, args)
         report = train(stack, args.epochs)
@@ -136,22 +151,9 @@ def start_stack(stack: Stack, args: argparse.Namespace) -> None:
         TRAINBUS_CLEARML_TIMEOUT_S="10",
         TRAINBUS_EXIT_FLUSH_S="10",
     )
-    if os.environ.get("TRAINBUS_HUB_API_URL") and os.environ.get("TRAINBUS_HUB_API_KEY"):
-        print(f"hub:      {os.environ['TRAINBUS_HUB_API_URL']}")
-    else:
-        stack.hub = LocalHub(0, DEMO_API_KEY, (DEMO_MODEL,))
-        for fault in args.hub_fault:
-            stack.hub.recorder.faults.append(parse_fault(fault))
-        threading.Thread(target=stack.hub.serve_forever, daemon=True).start()
-        env.update(TRAINBUS_HUB_API_URL=stack.hub.url, TRAINBUS_HUB_API_KEY=DEMO_API_KEY, TRAINBUS_HUB_MODEL=DEMO_MODEL)
-        print(
-            f"hub:      local HUB server at {stack.hub.url}" + (f", faults {args.hub_fault}" if args.hub_fault else "")
-        )
-    if not os.environ.get("CLEARML_API_ACCESS_KEY"):
-        env.update(CLEARML_OFFLINE_MODE="1", CLEARML_CACHE_DIR=str(stack.workdir / "clearml"))
-        print(f"clearml:  offline mode, sessions under {stack.workdir / 'clearml' / 'offline'}")
-    else:
-        print(f"clearml:  {os.environ.get('CLEARML_API_HOST', 'configured server')}")
+    faults = [parse_fault(f) for f in args.hub_fault]
+    for sink in stack.sinks:
+        STARTERS[sink](stack, env, faults)
     stack.env = env = worker_env(env, stack.redis_url)
     logs = stack.workdir / "logs"
     logs.mkdir(exist_ok=True)
@@ -163,7 +165,57 @@ def start_stack(stack: Stack, args: argparse.Namespace) -> None:
     for name, command in commands.items():
         with open(logs / f"{name}.log", "wb") as log:
             stack.procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
-    print(f"workers:  dispatcher, rq worker {keys.queue('hub')}, rq worker {keys.queue('clearml')} (logs in {logs})")
+    queues = ", ".join(f"rq worker {keys.queue(sink)}" for sink in stack.sinks)
+    print(f"workers:  dispatcher, {queues} (logs in {logs})")
+
+
+def start_hub(stack: Stack, env: dict[str, str], faults: list[Fault]) -> None:
+    """The local HUB server, unless TRAINBUS_HUB_API_URL and TRAINBUS_HUB_API_KEY are set."""
+    if os.environ.get("TRAINBUS_HUB_API_URL") and os.environ.get("TRAINBUS_HUB_API_KEY"):
+        print(f"hub:      {os.environ['TRAINBUS_HUB_API_URL']}")
+        return
+    stack.hub = serve(LocalHub(0, DEMO_API_KEY, (DEMO_MODEL,)), faults)
+    env.update(TRAINBUS_HUB_API_URL=stack.hub.url, TRAINBUS_HUB_API_KEY=DEMO_API_KEY, TRAINBUS_HUB_MODEL=DEMO_MODEL)
+    print(f"hub:      local HUB server at {stack.hub.url}" + (f", faults {faults}" if faults else ""))
+
+
+def start_platform(stack: Stack, env: dict[str, str], faults: list[Fault]) -> None:
+    """The local Platform server, unless TRAINBUS_PLATFORM_URL and TRAINBUS_PLATFORM_API_KEY are set."""
+    if os.environ.get("TRAINBUS_PLATFORM_URL") and os.environ.get("TRAINBUS_PLATFORM_API_KEY"):
+        print(f"platform: {os.environ['TRAINBUS_PLATFORM_URL']}")
+        return
+    stack.platform = serve(LocalPlatform(0, DEMO_PLATFORM_KEY), [platform_fault(f) for f in faults])
+    env.update(
+        TRAINBUS_PLATFORM_URL=stack.platform.url,
+        TRAINBUS_PLATFORM_API_KEY=DEMO_PLATFORM_KEY,
+        TRAINBUS_PLATFORM_PROJECT=os.environ.get("TRAINBUS_PLATFORM_PROJECT", "demo/trainbus-demo"),
+    )
+    print(f"platform: local Platform server at {stack.platform.url}" + (f", faults {faults}" if faults else ""))
+
+
+def start_clearml(stack: Stack, env: dict[str, str], faults: list[Fault]) -> None:
+    """ClearML offline, unless CLEARML_API_ACCESS_KEY (and the other CLEARML_*) are set."""
+    if os.environ.get("CLEARML_API_ACCESS_KEY"):
+        print(f"clearml:  {os.environ.get('CLEARML_API_HOST', 'configured server')}")
+        return
+    env.update(CLEARML_OFFLINE_MODE="1", CLEARML_CACHE_DIR=str(stack.workdir / "clearml"))
+    print(f"clearml:  offline mode, sessions under {stack.workdir / 'clearml' / 'offline'}")
+
+
+STARTERS = {"hub": start_hub, "platform": start_platform, "clearml": start_clearml}
+
+
+def serve(server: DoubleServer, faults: list[Fault]) -> Any:
+    """Run a local protocol server in a thread, with faults to inject."""
+    server.recorder.faults.extend(faults)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def platform_fault(fault: Fault) -> Fault:
+    """A HUB fault of the demo's --hub-fault, on the Platform's matching endpoint."""
+    endpoint = {"metrics": "metrics", "upload": "upload_url"}.get(fault.endpoint, fault.endpoint)
+    return dataclasses.replace(fault, endpoint=endpoint)
 
 
 def answers(url: str) -> bool:
@@ -330,7 +382,6 @@ def train(stack: Stack, epochs: int) -> TrainReport:
     call("on_pretrain_routine_start", t)
     call("on_pretrain_routine_end", t)
     call("on_train_start", t)
-    hub_state = stack.hub.recorder if stack.hub else None
     for epoch in range(epochs):
         t.epoch = epoch
         started = time.monotonic()
@@ -343,11 +394,11 @@ def train(stack: Stack, epochs: int) -> TrainReport:
         call("on_model_save", t)
         t.epoch_time = round(time.monotonic() - started, 3)
         call("on_fit_epoch_end", t)
-        uploads = len(hub_state.requests) if hub_state else "?"
+        received = sum(len(s.recorder.requests) for s in (stack.hub, stack.platform) if s is not None)
         events = hooks.publisher.next_seq if hooks.publisher else 0
         print(
             f"epoch {epoch + 1}/{epochs}: loss {float(t.tloss['cls']):.3f} acc {t.metrics['metrics/accuracy_top1']:.2f}"
-            f"  events {events}  HUB requests {uploads}  queues {queue_depths(stack)}",
+            f"  events {events}  requests at the local servers {received}  queues {queue_depths(stack)}",
             flush=True,
         )
     t.epoch = epochs  # the final validation's extra on_fit_epoch_end, as in Ultralytics
@@ -378,7 +429,7 @@ def wait_delivered(stack: Stack, report: TrainReport, timeout: float) -> bool:
     client = connect(stack.redis_url, COMMAND)
     keys = Keys(stack.namespace)
     deadline = time.monotonic() + timeout
-    print("training done; waiting for HUB and ClearML to receive everything ...", flush=True)
+    print(f"training done; waiting for {', '.join(stack.sinks)} to receive everything ...", flush=True)
     while time.monotonic() < deadline:
         if all(sink_class(sink).delivered(client, keys, report.run_id) for sink in stack.sinks):
             print(f"delivered {time.time() - report.last_event_at:.1f} s after the last event", flush=True)
@@ -391,55 +442,108 @@ def wait_delivered(stack: Stack, report: TrainReport, timeout: float) -> bool:
 def summarize(stack: Stack, report: TrainReport, delivered: bool) -> dict[str, Any]:
     client = connect(stack.redis_url, COMMAND)
     keys = Keys(stack.namespace)
-    hub_state = {k.decode(): v.decode() for k, v in client.hgetall(keys.state("hub", report.run_id)).items()}
-    cml_state = {k.decode(): v.decode() for k, v in client.hgetall(keys.state("clearml", report.run_id)).items()}
+    hooks = sorted(report.hook_us)
+    summary: dict[str, Any] = {
+        "delivered": delivered,
+        "run_id": report.run_id,
+        "namespace": stack.namespace,
+        "sinks": list(stack.sinks),
+        "epochs": report.epochs,
+        "events": report.events,
+        "hook_us_p50": statistics.median(hooks) if hooks else None,
+        "hook_us_p99": hooks[min(len(hooks) - 1, int(len(hooks) * 0.99))] if hooks else None,
+        "workdir": str(stack.workdir),
+    }
+    last_upload = report.last_event_at
+    for sink in stack.sinks:
+        state = {k.decode(): v.decode() for k, v in client.hgetall(keys.state(sink, report.run_id)).items()}
+        summary[sink] = SUMMARIES[sink](stack, state)
+        last_upload = max(last_upload, summary[sink].get("last_request_at") or last_upload)
+    summary["last_event_to_last_upload_s"] = round(max(0.0, last_upload - report.last_event_at), 2)
+    return summary
+
+
+def hub_summary(stack: Stack, state: dict[str, str]) -> dict[str, Any]:
     requests = list(stack.hub.recorder.requests) if stack.hub else []
     by_type: dict[str, int] = {}
     for r in requests:
         if r.get("status") == 200:
             kind = r["endpoint"] if r["endpoint"] != "upload" else f"upload-{r['fields'].get('type')}"
             by_type[kind] = by_type.get(kind, 0) + 1
-    last_upload = max((r["ts"] for r in requests if r.get("status") == 200), default=report.last_event_at)
-    session = next((p.parent for p in (stack.workdir / "clearml" / "offline").glob("*/task.json")), None)
-    hooks = sorted(report.hook_us)
     return {
-        "delivered": delivered,
-        "run_id": report.run_id,
-        "namespace": stack.namespace,
-        "epochs": report.epochs,
-        "events": report.events,
-        "hub_requests": by_type,
-        "hub_failed_requests": sum(1 for r in requests if r.get("status") not in (200, "pending")),
-        "metrics_epochs_sent": int(hub_state.get("metrics_epochs", 0)),
-        "metrics_requests": int(hub_state.get("metrics_requests", 0)),
-        "checkpoints_uploaded": int(hub_state.get("ckpt_uploads", 0)),
-        "checkpoints_superseded": int(hub_state.get("ckpt_superseded", 0)),
-        "hub_retries": int(hub_state.get("retries", 0)),
-        "clearml_task": cml_state.get("task_id"),
-        "clearml_events_reported": int(cml_state.get("reported", 0)),
-        "clearml_session": str(session) if session else None,
-        "hook_us_p50": statistics.median(hooks) if hooks else None,
-        "hook_us_p99": hooks[min(len(hooks) - 1, int(len(hooks) * 0.99))] if hooks else None,
-        "last_event_to_last_upload_s": round(max(0.0, last_upload - report.last_event_at), 2),
-        "workdir": str(stack.workdir),
-        "hub_received": requests,
+        "requests": by_type,
+        "failed_requests": sum(1 for r in requests if r.get("status") not in (200, "pending")),
+        "metrics_epochs_sent": int(state.get("metrics_epochs", 0)),
+        "metrics_requests": int(state.get("metrics_requests", 0)),
+        "checkpoints_uploaded": int(state.get("ckpt_uploads", 0)),
+        "checkpoints_superseded": int(state.get("ckpt_superseded", 0)),
+        "retries": int(state.get("retries", 0)),
+        "last_request_at": max((r["ts"] for r in requests if r.get("status") == 200), default=None),
+        "received": requests,
     }
 
 
+def platform_summary(stack: Stack, state: dict[str, str]) -> dict[str, Any]:
+    requests = list(stack.platform.recorder.requests) if stack.platform else []
+    by_event: dict[str, int] = {}
+    for r in requests:
+        if r.get("status") == 200:
+            kind = r.get("event") or r["endpoint"]
+            by_event[kind] = by_event.get(kind, 0) + 1
+    return {
+        "requests": by_event,
+        "failed_requests": sum(1 for r in requests if r.get("status") not in (200, "pending")),
+        "model_url": state.get("model_url"),
+        "epochs_sent": int(state.get("epochs_sent", 0)),
+        "checkpoints_uploaded": int(state.get("ckpt_uploads", 0)),
+        "retries": int(state.get("retries", 0)),
+        "last_request_at": max((r["ts"] for r in requests if r.get("status") == 200), default=None),
+        "received": requests,
+    }
+
+
+def clearml_summary(stack: Stack, state: dict[str, str]) -> dict[str, Any]:
+    session = next((p.parent for p in (stack.workdir / "clearml" / "offline").glob("*/task.json")), None)
+    return {
+        "task": state.get("task_id"),
+        "events_reported": int(state.get("reported", 0)),
+        "session": str(session) if session else None,
+    }
+
+
+SUMMARIES = {"hub": hub_summary, "platform": platform_summary, "clearml": clearml_summary}
+
+
 def print_summary(s: dict[str, Any]) -> None:
-    types = ", ".join(f"{k} {v}" for k, v in sorted(s["hub_requests"].items()))
-    coalesced = s["metrics_epochs_sent"] / s["metrics_requests"] if s["metrics_requests"] else 0
-    print(
-        f"""
-== trainbus demo: {"everything delivered" if s["delivered"] else "NOT everything delivered"} ==
-run              {s["run_id"]}: {s["epochs"]} epochs, {s["events"]} events
-HUB requests     {types or "none"} ({s["hub_failed_requests"]} failed and retried: {s["hub_retries"]} retries)
-metrics          {s["metrics_epochs_sent"]} epochs in {s["metrics_requests"]} requests ({coalesced:.1f} epochs/request)
-checkpoints      {s["checkpoints_uploaded"]} uploaded, {s["checkpoints_superseded"]} superseded (latest wins)
-ClearML          task {s["clearml_task"]}, {s["clearml_events_reported"]} events reported
-ClearML session  {s["clearml_session"] or "online"}
-hook overhead    p50 {s["hook_us_p50"]:.1f} µs, p99 {s["hook_us_p99"]:.1f} µs per callback (after start-up)
-last event -> last upload  {s["last_event_to_last_upload_s"]} s
-files            {s["workdir"]} (runs/, spool/, logs/, clearml/)""",
-        flush=True,
-    )
+    lines = [
+        f"== trainbus demo: {'everything delivered' if s['delivered'] else 'NOT everything delivered'} ==",
+        f"run              {s['run_id']}: {s['epochs']} epochs, {s['events']} events",
+    ]
+    if hub := s.get("hub"):
+        types = ", ".join(f"{k} {v}" for k, v in sorted(hub["requests"].items()))
+        per = hub["metrics_epochs_sent"] / hub["metrics_requests"] if hub["metrics_requests"] else 0
+        lines += [
+            f"HUB requests     {types or 'none'} "
+            f"({hub['failed_requests']} failed and retried: {hub['retries']} retries)",
+            f"HUB metrics      {hub['metrics_epochs_sent']} epochs in {hub['metrics_requests']} requests "
+            f"({per:.1f} epochs/request)",
+            f"HUB checkpoints  {hub['checkpoints_uploaded']} uploaded, {hub['checkpoints_superseded']} superseded",
+        ]
+    if platform := s.get("platform"):
+        events = ", ".join(f"{k} {v}" for k, v in sorted(platform["requests"].items()))
+        lines += [
+            f"Platform         {events or 'none'} ({platform['failed_requests']} failed and retried)",
+            f"Platform model   {platform['model_url']}: {platform['epochs_sent']} epochs, "
+            f"{platform['checkpoints_uploaded']} checkpoints",
+        ]
+    if clearml := s.get("clearml"):
+        lines += [
+            f"ClearML          task {clearml['task']}, {clearml['events_reported']} events reported",
+            f"ClearML session  {clearml['session'] or 'online'}",
+        ]
+    lines += [
+        f"hook overhead    p50 {s['hook_us_p50']:.1f} µs, p99 {s['hook_us_p99']:.1f} µs per callback (after start-up)",
+        f"last event -> last upload  {s['last_event_to_last_upload_s']} s",
+        f"files            {s['workdir']} (runs/, spool/, logs/, clearml/)",
+    ]
+    print("\n" + "\n".join(lines), flush=True)

@@ -20,7 +20,7 @@ from producers.drain import drain, pending_runs
 from producers.retention import collect
 from producers.spool import run_dirs
 from shared.errors import SettingsError
-from shared.keys import Keys
+from shared.keys import RUN_STATE_TTL_S, Keys
 from shared.redis_client import COMMAND, REDIS_UNAVAILABLE, WORKER, connect
 from shared.settings import Settings, WorkerSettings, redact_url
 from workers.devstack import demo
@@ -147,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     drop = groups_commands.add_parser("drop", help="remove a consumer group")
     drop.add_argument("name", help="the group (sink) name, e.g. clearml")
     drop.set_defaults(func=drop_group)
+
+    stop = commands.add_parser(
+        "stop",
+        help="tell a training run to stop at its next epoch boundary",
+        description="Writes the run's stop order in Redis. The training process reads it within about a second; "
+        "the Ultralytics callbacks set trainer.stop (the run then ends normally and its final is delivered), "
+        "a plain loop sees Publisher.stop_requested. The Ultralytics Platform's cancel button does the same.",
+    )
+    stop.add_argument("run_id", metavar="RUN", help="the run id (TRAINBUS_RUN_ID)")
+    stop.add_argument("--reason", default="stopped by an operator (trainbus stop)", help="what the run is told")
+    stop.set_defaults(func=stop_run)
 
     failed = commands.add_parser("failed", help="list drain jobs that failed for good, with reasons")
     failed.add_argument("--requeue", action="store_true", help="unblock those runs and send their jobs again")
@@ -301,6 +312,19 @@ def drop_group(args: argparse.Namespace) -> int:
         print(f"trainbus: no consumer group {args.name!r} on the stream", file=sys.stderr)
         return 1
     print(f"dropped consumer group {args.name}")
+    return 0
+
+
+def stop_run(args: argparse.Namespace) -> int:
+    settings = WorkerSettings.from_env()
+    keys = Keys(settings.namespace)
+    client = redis_client(settings)
+    client.set(keys.stop(args.run_id), args.reason, ex=RUN_STATE_TTL_S)
+    alive = client.exists(keys.alive(args.run_id))
+    print(
+        f"told run {args.run_id} to stop"
+        + ("" if alive else " (its producer is not alive now: it will see the order if it comes back)")
+    )
     return 0
 
 

@@ -66,6 +66,14 @@ class RedisCollector:
             pending.add_metric([group], float(info["pending"] or 0))
         yield lag
         yield pending
+        abandoned = GaugeMetricFamily(
+            "trainbus_group_abandoned",
+            "1 for a consumer group no dispatcher fed for TRAINBUS_GROUP_ABANDON_H",
+            labels=["group"],
+        )
+        for group, info in status["stream"]["groups"].items():
+            abandoned.add_metric([group], 1.0 if info["abandoned"] else 0.0)
+        yield abandoned
         depth = GaugeMetricFamily("trainbus_queue_depth", "Jobs waiting in an RQ queue", labels=["queue"])
         failed = GaugeMetricFamily("trainbus_failed_jobs", "Jobs in an RQ queue's failed registry", labels=["queue"])
         for queue in status["queues"].values():

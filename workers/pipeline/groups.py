@@ -6,7 +6,7 @@ no dispatcher fed for ``TRAINBUS_GROUP_ABANDON_H`` hours (default 24) is *abando
 sink was taken out of every dispatcher's ``TRAINBUS_SINKS``. Until then the stream keeps
 every entry the group has not read (it waits, and ``trainbus status`` shows for how long);
 from then on the stream is trimmed without it (what it had not read is gone for that sink,
-which nobody runs), a warning says so once, status and ``trainbus_groups_abandoned`` show
+which nobody runs), a warning says so once, status and ``trainbus_group_abandoned`` show
 it, and ``trainbus groups drop NAME`` removes it. A dispatcher feeding it again revives it.
 """
 
