@@ -292,3 +292,20 @@ def test_bad_entries_are_dead_lettered_and_no_key_reaches_redis_or_logs(
         assert secret not in log.read_bytes(), log
     status = json.loads(pipeline.cli("status", "--json", TRAINBUS_SINKS="platform").stdout)
     assert "platform" in status["queues"]
+
+
+def test_a_model_deleted_mid_run_stops_that_run_with_the_reason(pipeline, platform, spool_dir, client, keys, tmp_path):
+    pipeline.dispatcher()
+    pipeline.worker("platform")
+    bus = publisher(pipeline, spool_dir, "deleted")
+    bus.session({"epochs": 3}, name="deleted")
+    bus.metrics(0, {"loss": 1.0})
+    model = wait_for(lambda: (m := model_named(platform, "deleted")) and m["runs"][0]["epochs"] and m, timeout=60)
+    platform.control("forget", modelId=model["id"])
+    bus.metrics(1, {"loss": 0.5})
+    failed = wait_for(
+        lambda: "deleted" in (out := pipeline.cli("failed", TRAINBUS_SINKS="platform")).stdout and out, timeout=60
+    )
+    assert "does not know this model" in failed.stdout
+    assert client.get(keys.blocked("platform", "deleted")), "that run is blocked; others go on"
+    bus.close()

@@ -1,14 +1,15 @@
 """A seeded chaos scenario over the whole system, and the checker that judges it.
 
 Three training producers (``tests.reliability.producer``) run through two dispatchers,
-two hub-uploads workers and one clearml worker, against a redis-server with AOF of our
-own, the local HUB server and the ClearML test server, all real processes. A fault
-schedule, drawn from a seed, kills and restarts producers, dispatchers and workers (one
-in the middle of an upload), restarts Redis and takes it away for 10 s, makes HUB answer
-5xx, 429 with Retry-After, hang or reset, and takes ClearML down for a stretch.
+two hub-uploads workers, one clearml worker and one platform worker, against a redis-server
+with AOF of our own, the local HUB server, the ClearML test server and the local Platform
+server, all real processes. A fault schedule, drawn from a seed, kills and restarts
+producers, dispatchers and workers (one in the middle of an upload), restarts Redis and
+takes it away for 10 s, makes HUB answer 5xx, 429 with Retry-After, hang or reset, makes
+the Platform answer 5xx and 429, and takes ClearML down for a stretch.
 
 The checker compares what every producer's hooks accepted (its intents file) with what
-HUB and ClearML received. Same seed, same schedule; the timing of the processes still
+HUB, ClearML and the Platform received. Same seed, same schedule; the timing of the processes still
 varies from run to run, which is the point of running it again.
 """
 
@@ -33,13 +34,14 @@ from rq import Queue, Worker
 
 from shared.keys import Keys
 from tests.clearml_server import ACCESS_KEY, SECRET_KEY
-from tests.pipeline import API_KEY, ROOT, ClearmlServer, HubServer, Pipeline
+from tests.pipeline import API_KEY, PLATFORM_KEY, ROOT, ClearmlServer, HubServer, Pipeline, PlatformServer
 from workers.devstack.embedded_redis import RedisServer
 
 RUNS = 3
 JITTER_S = 0.25  # server arrival times vs the limiter's: scheduling delays on a loaded 2-core machine
 RATES = {"TRAINBUS_RATE_METRICS": 1.0, "TRAINBUS_RATE_CKPT": 2.0, "TRAINBUS_RATE_HEARTBEAT": 1.0}
 REDIS_DOWN_S = 10.0
+PLATFORM_LIMIT = ("100", "20")  # events per window of seconds, per key (the Platform's 100/min, faster)
 FAULT_KINDS = (
     "kill-producer",
     "kill-dispatcher",
@@ -51,6 +53,8 @@ FAULT_KINDS = (
     "hub-hang",
     "hub-reset",
     "clearml-down",
+    "platform-5xx",
+    "platform-429",
 )
 
 
@@ -100,6 +104,10 @@ def schedule(seed: int, rounds: int = 1) -> list[Fault]:
             args = {"endpoint": "any", "reset": True, "count": rng.randint(1, 3)}
         elif kind == "clearml-down":
             args = {"seconds": round(rng.uniform(4.0, 8.0), 1)}
+        elif kind == "platform-5xx":
+            args = {"endpoint": rng.choice(["metrics", "upload_url", "put"]), "status": 503, "count": rng.randint(2, 6)}
+        elif kind == "platform-429":
+            args = {"endpoint": "metrics", "status": 429, "retry_after": rng.choice([1, 2]), "count": rng.randint(1, 3)}
         faults.append(Fault(round(rng.uniform(0.5, 3.0), 1), kind, args))
     return faults
 
@@ -117,12 +125,19 @@ class Cluster:
         self.redis = RedisServer(tmp / "redis", None, "--appendonly", "yes").start()
         self.hub = HubServer(*self.models.values())
         self.clearml = ClearmlServer()
+        self.platform = PlatformServer(
+            PLATFORM_KEY, "--events-per-min", PLATFORM_LIMIT[0], "--window", PLATFORM_LIMIT[1]
+        )
         self.pipeline = Pipeline(
             self.redis.url,
             namespace,
             self.hub,
             self.spool,
-            TRAINBUS_SINKS="hub,clearml",
+            TRAINBUS_SINKS="hub,clearml,platform",
+            TRAINBUS_PLATFORM_EVENTS_PER_MIN=PLATFORM_LIMIT[0],
+            TRAINBUS_PLATFORM_WINDOW_S=PLATFORM_LIMIT[1],
+            TRAINBUS_PLATFORM_TIMEOUT_S=3,
+            **self.platform.env(),
             TRAINBUS_FILE_ROOTS=f"{self.spool}:{self.runs_dir}",
             TRAINBUS_CLEARML_TIMEOUT_S=3,
             TRAINBUS_SPOOL_DIR=self.spool,
@@ -133,6 +148,7 @@ class Cluster:
         self.dispatchers = [self.pipeline.dispatcher(), self.pipeline.dispatcher()]
         self.hub_workers = [self.pipeline.worker("hub"), self.pipeline.worker("hub")]
         self.clearml_worker = self.pipeline.worker("clearml")
+        self.platform_worker = self.pipeline.worker("platform")
         self.producers = [self._start_producer(i) for i in range(RUNS)]
         self.timers: list[threading.Timer] = []
 
@@ -180,6 +196,9 @@ class Cluster:
             timer.start()
             self.timers.append(timer)
             return f"down {a['seconds']} s"
+        if fault.kind.startswith("platform-"):
+            self.platform.fault(**a)
+            return "injected"
         self.hub.fault(**a)
         return "injected"
 
@@ -229,6 +248,7 @@ class Cluster:
         self.pipeline.stop()
         self.hub.stop()
         self.clearml.stop()
+        self.platform.stop()
         self.redis.stop()
 
 
@@ -336,9 +356,58 @@ def clearml_problems(state: dict[str, Any], run: str, intents: list[dict[str, An
     return problems
 
 
+def platform_problems(
+    run: str, models: list[dict[str, Any]], requests: list[dict[str, Any]], intents
+) -> tuple[list[str], int]:
+    """One model (a restarted producer resumes it: a new Platform run of it each time); every accepted
+    epoch with its values (a resend after a lost reply is allowed: keyed by epoch); the final's
+    checkpoint promoted with best.pt's sha256; training_complete last."""
+    mine = [m for m in models if m["slug"] == run]
+    if len(mine) != 1:
+        return [f"{run}: {len(mine)} Platform models (want 1)"], 0
+    platform_run = mine[0]["runs"][-1]
+    want = {i["epoch"]: i["fit"] for i in intents if i["kind"] == "fit"}
+    got: dict[int, list[dict]] = {}
+    for e in (e for r in mine[0]["runs"] for e in r["epochs"]):
+        got.setdefault(e["epoch"], []).append(e["metrics"])
+    problems = []
+    if sorted(got) != sorted(want):
+        problems.append(
+            f"{run}: the Platform has epochs {sorted(set(got) ^ set(want))} that differ from the accepted ones"
+        )
+    problems += [f"{run}: epoch {e} arrived as {v}" for e, vs in got.items() for v in vs if v != want.get(e)]
+    end = platform_run["end"] or {}
+    sha = next((i["sha256"] for i in intents if i["kind"] == "final"), None)
+    promoted = {c["modelPath"]: c["sha256"] for r in mine[0]["runs"] for c in r["checkpoints"]}
+    if end.get("event") != "training_complete":
+        problems.append(f"{run}: the Platform run ended with {end.get('event')}")
+    elif promoted.get(end["results"].get("modelPath")) != sha:
+        problems.append(f"{run}: training_complete's model is not best.pt (sha256 {sha})")
+    events = [r for r in requests if r["endpoint"] == "metrics" and r["status"] == 200]
+    completes = [
+        r for r in events if r.get("event") == "training_complete" and r["json"].get("modelId") == mine[0]["id"]
+    ]
+    if completes and any(r["ts"] > completes[-1]["ts"] and r["json"].get("modelId") == mine[0]["id"] for r in events):
+        problems.append(f"{run}: Platform events after training_complete")
+    return problems, sum(len(vs) - 1 for vs in got.values())
+
+
+def platform_limit_problems(requests: list[dict[str, Any]]) -> list[str]:
+    """No more event requests of the key in any window than its limit, and none refused for it."""
+    limit, window = int(PLATFORM_LIMIT[0]), float(PLATFORM_LIMIT[1])
+    arrivals = sorted(r["ts"] for r in requests if r["endpoint"] in ("metrics", "models"))
+    busiest = max((sum(1 for t in arrivals if start <= t < start + window) for start in arrivals), default=0)
+    problems = []
+    if busiest > limit:
+        problems.append(f"Platform: {busiest} event requests of one key within {window:g} s (limit {limit})")
+    if limited := [r for r in requests if r.get("limited")]:
+        problems.append(f"Platform: {len(limited)} requests refused by its own limit")
+    return problems
+
+
 def secret_problems(cluster: Cluster) -> list[str]:
-    """The HUB API key and the ClearML secret appear in no Redis key or value and no log."""
-    secrets = (API_KEY.encode(), SECRET_KEY.encode(), ACCESS_KEY.encode())
+    """The HUB and Platform API keys and the ClearML secret appear in no Redis key or value and no log."""
+    secrets = (API_KEY.encode(), SECRET_KEY.encode(), ACCESS_KEY.encode(), PLATFORM_KEY.encode())
     client = redis.Redis.from_url(cluster.redis.url)
     problems = []
     for name in client.scan_iter(match="*"):
@@ -361,7 +430,9 @@ class Outcome:
         verdict = "held" if not self.problems else f"{len(self.problems)} problems"
         lines = [f"chaos seed {self.seed}: {verdict}; delivered {self.delivered_s:.0f} s after the start"]
         lines += [f"  {line}" for line in self.log]
-        lines.append(f"  epochs that HUB received more than once: {self.hub_duplicates} (allowed: keyed by epoch)")
+        lines.append(
+            f"  epochs HUB or the Platform received more than once: {self.hub_duplicates} (allowed: keyed by epoch)"
+        )
         lines += [f"  PROBLEM {p}" for p in self.problems]
         return "\n".join(lines)
 
@@ -374,7 +445,10 @@ def delivered(cluster: Cluster) -> bool:
     if not set(cluster.models.values()) <= finals:
         return False
     done = {t.get("name") for t in cluster.clearml.state()["tasks"].values() if t["status"] == "completed"}
-    return set(cluster.run_ids) <= done
+    if not set(cluster.run_ids) <= done:
+        return False
+    ended = {m["slug"] for m in cluster.platform.models() if m["runs"] and m["runs"][-1]["end"]}
+    return set(cluster.run_ids) <= ended
 
 
 def run_scenario(seed: int, tmp: Path, *, epochs: int, pause: float, rounds: int, deadline_s: float) -> Outcome:
@@ -401,6 +475,8 @@ def run_scenario(seed: int, tmp: Path, *, epochs: int, pause: float, rounds: int
         if delivered_s >= deadline_s:
             problems.append(f"not delivered within {deadline_s:.0f} s")
         state, requests = cluster.clearml.state(), cluster.hub.requests(status=None)
+        models, platform_requests = cluster.platform.models(), cluster.platform.requests()
+        problems += platform_limit_problems(platform_requests)
         duplicates = 0
         for run, model in cluster.models.items():
             intents = cluster.intents(run)
@@ -408,12 +484,15 @@ def run_scenario(seed: int, tmp: Path, *, epochs: int, pause: float, rounds: int
                 problems.append(f"{run}: the producer never handed over its end")
             hub, dup = hub_problems(run, model, [r for r in requests if r["model"] == model], intents)
             problems += hub + clearml_problems(state, run, intents, pause)
-            duplicates += dup
+            platform, platform_dup = platform_problems(run, models, platform_requests, intents)
+            problems += platform
+            duplicates += dup + platform_dup
         problems += secret_problems(cluster)
         if problems:  # what HUB and ClearML saw, to look into
             dump = tmp / f"chaos-{seed}.json"
-            dump.write_bytes(orjson.dumps({"hub": requests, "clearml": state}, option=orjson.OPT_INDENT_2))
-            log.append(f"HUB requests and ClearML state: {dump}")
+            seen = {"hub": requests, "clearml": state, "platform": models, "platform_requests": platform_requests}
+            dump.write_bytes(orjson.dumps(seen, option=orjson.OPT_INDENT_2))
+            log.append(f"HUB requests, ClearML state and Platform models: {dump}")
         return Outcome(seed, log, problems, delivered_s, duplicates)
     finally:
         cluster.stop()

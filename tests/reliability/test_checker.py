@@ -6,7 +6,13 @@ import copy
 
 import pytest
 
-from tests.reliability.chaos import clearml_problems, expected_scalars, hub_problems
+from tests.reliability.chaos import (
+    clearml_problems,
+    expected_scalars,
+    hub_problems,
+    platform_limit_problems,
+    platform_problems,
+)
 
 V = {"train": {"train/loss": 0.5}, "lr": {"lr/pg0": 0.01}, "fit": {"metrics/mAP50-95(B)": 0.3}}
 INTENTS = [
@@ -96,3 +102,47 @@ def test_clearml_scalars_once_each():
     unfinished = clearml_state()
     unfinished["tasks"]["t"].update(status="in_progress", models={})
     assert len(clearml_problems(unfinished, "r", INTENTS, 1.0)) == 2
+
+
+def platform_records() -> tuple[list[dict], list[dict]]:
+    """One model with one run that got epoch 0 and completed with best.pt; and what the server logged."""
+    run = {
+        "epochs": [{"epoch": 0, "metrics": V["fit"]}],
+        "checkpoints": [{"modelPath": "gs://m/best.pt", "sha256": "abc"}],
+        "end": {"event": "training_complete", "results": {"modelPath": "gs://m/best.pt"}},
+    }
+    models = [{"id": "m1", "slug": "r", "runs": [run]}]
+    requests = [
+        {"ts": 0.0, "endpoint": "metrics", "status": 200, "event": "epoch_end", "json": {"modelId": "m1"}},
+        {"ts": 1.0, "endpoint": "metrics", "status": 200, "event": "training_complete", "json": {"modelId": "m1"}},
+    ]
+    return models, requests
+
+
+def test_a_correct_platform_run_has_no_problems():
+    models, requests = platform_records()
+    assert platform_problems("r", models, requests, INTENTS) == ([], 0)
+    assert platform_limit_problems(requests) == []
+
+
+@pytest.mark.parametrize(
+    ("spoil", "expected"),
+    [
+        (lambda ms, rs: ms.append({**ms[0], "id": "m2"}), "2 Platform models"),
+        (lambda ms, rs: ms[0]["runs"][0]["epochs"].clear(), "the Platform has epochs [0]"),
+        (lambda ms, rs: ms[0]["runs"][0]["epochs"][0].update(metrics={"x": 1}), "arrived as"),
+        (lambda ms, rs: ms[0]["runs"][0]["checkpoints"][0].update(sha256="torn"), "is not best.pt"),
+        (lambda ms, rs: ms[0]["runs"][0].update(end={"event": "training_failed"}), "ended with training_failed"),
+        (lambda ms, rs: rs.append({**rs[0], "ts": 2.0}), "events after training_complete"),
+    ],
+)
+def test_spoiled_platform_records_are_caught(spoil, expected):
+    models, requests = platform_records()
+    spoil(models, requests)
+    problems, _ = platform_problems("r", models, requests, INTENTS)
+    assert any(expected in p for p in problems), problems
+
+
+def test_a_key_over_its_limit_is_caught():
+    many = [{"ts": i * 0.01, "endpoint": "metrics", "status": 200} for i in range(101)]
+    assert "101 event requests" in platform_limit_problems(many)[0]
