@@ -53,6 +53,7 @@ class UltralyticsHooks:
         self.failure: str | None = None  # why this training is not recorded (said once)
         self._fit_epochs_seen: set[int] = set()
         self.system = SystemSampler()
+        self._console: Any = None  # Ultralytics' ConsoleLogger, while this training's console is captured
 
     def bus(self) -> Publisher | _Unrecorded:
         """The open publisher, opened on first use (val/predict/export may come first).
@@ -99,6 +100,9 @@ class UltralyticsHooks:
 
     def on_pretrain_routine_end(self, trainer: Any) -> None:
         self.bus().lifecycle(EventType.PRETRAIN_END)
+        if self.settings.console and self.publisher is not None and self._console is None:
+            # Not at the routine's start: ClearML's Task.init (run then) fails on a captured stdout.
+            self._console = _capture_console(self.publisher)
         self._obey_stop(trainer)  # the trainer's set-up reset trainer.stop: an order from the start holds
 
     def on_train_start(self, trainer: Any) -> None:
@@ -138,6 +142,7 @@ class UltralyticsHooks:
         self.bus().checkpoint(trainer.last, getattr(trainer, "epoch", 0), is_best=is_best)
 
     def on_train_end(self, trainer: Any) -> None:
+        self.teardown(trainer)  # the console's last lines go before the final, as in Ultralytics
         bus = self.bus()
         plots = _plots(trainer)
         if plots:
@@ -171,6 +176,11 @@ class UltralyticsHooks:
 
     def on_export_start(self, exporter: Any) -> None:
         self.bus().lifecycle(EventType.EXPORT_START)
+
+    def teardown(self, trainer: Any) -> None:
+        if self._console is not None:
+            self._console.stop_capture()
+            self._console = None
 
     def _obey_stop(self, trainer: Any) -> None:
         """A stop order for the run (a Platform cancel, ``trainbus stop``): end at the next epoch boundary,
@@ -220,6 +230,7 @@ CALLBACK_NAMES = (
     "on_val_end",
     "on_predict_start",
     "on_export_start",
+    "teardown",
 )
 
 
@@ -279,6 +290,25 @@ class SystemSampler:
 
             self._logger = SystemLogger(all_drives=True)
         self.latest = self._logger.get_metrics(rates=True)
+
+
+def _capture_console(bus: Publisher) -> Any:
+    """The training's console, in batches of 5 lines or 5 s, as the Platform's callbacks capture it
+    (Ultralytics' own ConsoleLogger: it tees stdout and calls back from its own thread)."""
+    try:
+        from ultralytics.utils.logger import ConsoleLogger
+    except ImportError:
+        return None
+
+    def publish(content: str, line_count: int, chunk_id: int) -> None:
+        bus.publish(
+            EventType.CONSOLE,
+            {"chunk_id": chunk_id, "content": content, "line_count": line_count, "progress": logger.progress_sent},
+        )
+
+    logger = ConsoleLogger(batch_size=5, flush_interval=5.0, on_flush=publish)
+    logger.start_capture()
+    return logger
 
 
 def _environment() -> dict[str, Any] | None:

@@ -44,6 +44,7 @@ class EventType(str, Enum):
     FINAL = "final"  # training finished: best checkpoint snapshot and final metrics
     RUN_END = "run_end"  # the run is over: status completed, failed or stopped
     SPOOL_OVERFLOW = "spool_overflow"  # the spool was full: what was dropped, counted
+    CONSOLE = "console"  # a batch of the training's console lines (for the Platform's console_output)
 
 
 TYPES = frozenset(t.value for t in EventType)
@@ -80,6 +81,7 @@ PAYLOAD_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "media": {"kind": str, "title": str, "paths": list, "dir": str, "pattern": str, "names": list, "iteration": int},
     "final": {"epoch": int, "metrics": dict, "map50_95": NUMBER, "checkpoint": dict, "summary": dict},
     "run_end": {"status": str, "error": str},
+    "console": {"chunk_id": int, "content": str, "line_count": int, "progress": dict},
 }
 CHECKPOINT_FIELDS: dict[str, type | tuple[type, ...]] = {
     "source": str,

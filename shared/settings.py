@@ -82,6 +82,12 @@ def hours_setting(variable: str, value: str) -> float:
     return number_setting(variable, value, "hours")
 
 
+def flag_setting(variable: str, value: str) -> bool:
+    if value.lower() not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise SettingsError(variable, f"{value[:40]!r}: use 1 or 0")
+    return value.lower() in ("1", "true", "yes", "on")
+
+
 def count_setting(variable: str, value: str) -> int:
     """A whole number of at least 1 (requests per window, say)."""
     if not value.isdigit() or int(value) < 1:
@@ -194,6 +200,7 @@ class Settings:
     spool_dir: Path = env_field("TRAINBUS_SPOOL_DIR", path_setting, default_factory=default_spool_dir)
     exit_flush_s: float = env_field("TRAINBUS_EXIT_FLUSH_S", number_setting, default=5.0)
     spool_max_mb: float = env_field("TRAINBUS_SPOOL_MAX_MB", megabytes_setting, default=512.0)
+    console: bool = env_field("TRAINBUS_CONSOLE", flag_setting, default=True)
     snapshot_retention_h: float = env_field("TRAINBUS_SNAPSHOT_RETENTION_H", hours_setting, default=24.0)
 
     def __post_init__(self) -> None:

@@ -74,7 +74,7 @@ def test_events_recorded_out_of_seq_order_are_each_reported_once(online, clearml
         client.xadd(keys.events, epoch(run, seq, seq - 1))
     online.dispatcher()
     online.worker("clearml")
-    wait_for(lambda: tasks_named(clearml, run), timeout=60)  # the worker drained what was recorded
+    wait_for(lambda: tasks_named(clearml, run), timeout=120)  # the worker drained what was recorded
     wait_for(lambda: client.zcard(keys.pending("clearml", run, "events")) <= 3, timeout=30)
     for seq in (1, 2, 3):
         client.xadd(keys.events, epoch(run, seq, seq - 1))
@@ -93,17 +93,16 @@ def test_two_workers_report_each_scalar_once_through_a_flush_timeout(online, cle
     client.xadd(keys.events, event(run, 0, "session", args={"epochs": 10}, name=run))
     for n in range(3):
         client.xadd(keys.events, epoch(run, 1 + n, n))
-    wait_for(lambda: len(scalars(clearml, run)) == 3, timeout=60)
+    wait_for(lambda: len(scalars(clearml, run)) == 3, timeout=120)
     clearml.fault(down=True)
     for n in range(3, 6):
         client.xadd(keys.events, epoch(run, 1 + n, n))
-    wait_for(lambda: b"sink=clearml run=dup outcome=" in logs(online), timeout=60)  # A could not send in time
-    wait_for(lambda: not client.exists(keys.lock("clearml", run)), timeout=30)  # between two of A's jobs
-    os.kill(first.pid, signal.SIGSTOP)  # A keeps what its SDK holds, but takes no jobs (well within its lease)
+    wait_for(lambda: b"sink=clearml run=dup outcome=" in logs(online), timeout=120)  # A could not send in time
+    os.kill(first.pid, signal.SIGSTOP)  # A keeps what its SDK holds and takes no jobs, for far less than its lease
     try:
         drains = logs(online).count(b"drain clearml run dup")
         online.worker("clearml")  # B: every job of the run now goes to it
-        wait_for(lambda: logs(online).count(b"drain clearml run dup") > drains, timeout=45)
+        wait_for(lambda: logs(online).count(b"drain clearml run dup") > drains, timeout=120)
         clearml.fault(down=False)
         time.sleep(1.0)  # long enough for B's SDK to send anything it was given
     finally:
@@ -125,9 +124,9 @@ def test_a_task_creation_that_outlives_its_timeout_makes_one_task_and_no_pile_of
     online.dispatcher()
     client.xadd(keys.events, event(run, 0, "session", args={"epochs": 1}, name=run))
     client.xadd(keys.events, epoch(run, 1, 0))
-    wait_for(lambda: logs(online).count(b"sink=clearml run=slow-create outcome=retry") >= 2, timeout=60)
+    wait_for(lambda: logs(online).count(b"sink=clearml run=slow-create outcome=retry") >= 2, timeout=120)
     threads_early = len(os.listdir(f"/proc/{worker.pid}/task"))
-    wait_for(lambda: logs(online).count(b"sink=clearml run=slow-create outcome=retry") >= 6, timeout=60)
+    wait_for(lambda: logs(online).count(b"sink=clearml run=slow-create outcome=retry") >= 6, timeout=120)
     threads_late = len(os.listdir(f"/proc/{worker.pid}/task"))
     clearml.fault(hang=0)
     client.xadd(keys.events, event(run, 2, "run_end", status="completed"))
@@ -161,14 +160,14 @@ def test_reports_the_sdk_sent_while_redis_was_down_are_confirmed_once_it_is_back
         client.xadd(keys.events, event(run, 0, "session", args={"epochs": 6}, name=run))
         for n in range(3):
             client.xadd(keys.events, epoch(run, 1 + n, n))
-        wait_for(lambda: len(scalars(clearml, run)) == 3, timeout=60)
+        wait_for(lambda: len(scalars(clearml, run)) == 3, timeout=120)
         clearml.fault(down=True)
         for n in range(3, 6):
             client.xadd(keys.events, epoch(run, 1 + n, n))
-        wait_for(lambda: client.hlen(keys.pending("clearml", run, "handed")) == 3, timeout=60)
+        wait_for(lambda: client.hlen(keys.pending("clearml", run, "handed")) == 3, timeout=120)
         own_redis.stop()
         clearml.fault(down=False)
-        wait_for(lambda: len(scalars(clearml, run)) == 6, timeout=60)  # sent while Redis is down
+        wait_for(lambda: len(scalars(clearml, run)) == 6, timeout=120)  # sent while Redis is down
         wait_for(lambda: b"confirming ClearML reports failed" in logs(p), timeout=30)
         own_redis.start()
         client.xadd(keys.events, event(run, 7, "run_end", status="completed"))

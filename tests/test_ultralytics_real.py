@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import stream_events
 from tests.helpers import wait_for
-from tests.pipeline import Pipeline
+from tests.pipeline import PLATFORM_KEY, Pipeline
 
 pytestmark = pytest.mark.ultralytics
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ TRAIN = textwrap.dedent("""
     for event, fn in make_callbacks(run_id=sys.argv[3]).items():
         model.add_callback(event, fn)
     model.train(data=sys.argv[1], epochs=int(sys.argv[4]), imgsz=64, batch=4, workers=0, device="cpu", amp=False,
-                project=sys.argv[2], name="train", exist_ok=True, verbose=False)
+                project=sys.argv[2], name=sys.argv[5] if len(sys.argv) > 5 else "train", exist_ok=True, verbose=False)
 """)
 
 
@@ -64,8 +64,9 @@ def make_dataset(root: Path) -> Path:
     return data
 
 
-def train(tmp_path: Path, env: dict[str, str], run_id: str, epochs: int) -> Path:
-    """One real training in a subprocess; returns its project directory."""
+def train(tmp_path: Path, env: dict[str, str], run_id: str, epochs: int, project: str | None = None) -> Path:
+    """One real training in a subprocess; returns its project directory (``project`` e.g. owner/slug
+    for the Platform: the save dir is then under it, relative to tmp_path)."""
     pytest.importorskip("ultralytics")
     import matplotlib
 
@@ -74,7 +75,7 @@ def train(tmp_path: Path, env: dict[str, str], run_id: str, epochs: int) -> Path
     font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
     shutil.copy(font, config / "Arial.ttf")  # keeps Ultralytics from downloading its font
     data = make_dataset(tmp_path / "data")
-    project = tmp_path / "runs"
+    project = Path(project) if project else tmp_path / "runs"
     env = {k: v for k, v in {**os.environ, **env}.items() if k != "PYTEST_CURRENT_TEST"}  # else Ultralytics skips its
     env.update(YOLO_OFFLINE="1", YOLO_CONFIG_DIR=str(config), PYTHONPATH=str(ROOT), HOME=str(tmp_path))  # integrations
     out = subprocess.run(
@@ -190,3 +191,76 @@ def test_the_clearml_task_holds_what_ultralytics_own_clearml_callbacks_record(
     assert "best.pt" in artifacts, "the final best.pt, as the output model (an artifact offline)"
     best = hashlib.sha256(Path(their_model["model_path"]).read_bytes()).hexdigest()
     assert artifacts["best.pt"]["hash"] == best, "the same bytes Ultralytics would have sent"
+
+
+def test_trainbus_sends_the_platform_every_event_and_key_ultralytics_own_platform_callbacks_send(
+    redis_url, namespace, spool_dir, platform, tmp_path
+):
+    """One real training with both Ultralytics' Platform callbacks (on: a key, a project, the local
+    server's URL before ultralytics is imported) and trainbus's callbacks with the Platform sink, to
+    the same local server. Ultralytics registers model "train", trainbus the next slug."""
+    pipeline = Pipeline(
+        redis_url,
+        namespace,
+        None,
+        spool_dir,
+        TRAINBUS_SINKS="platform",
+        TRAINBUS_FILE_ROOTS=f"{spool_dir}:{tmp_path}",
+        TRAINBUS_RATE_CKPT=1,
+        **platform.env(),
+    )
+    try:
+        pipeline.dispatcher()
+        pipeline.worker("platform")
+        env = {
+            "TRAINBUS_REDIS_URL": redis_url,
+            "TRAINBUS_NAMESPACE": namespace,
+            "TRAINBUS_SPOOL_DIR": str(spool_dir),
+            "ULTRALYTICS_API_KEY": PLATFORM_KEY,
+            "ULTRALYTICS_PLATFORM_URL": platform.url,
+            "YOLO_SETTINGS_CLEARML": "False",
+        }
+        train(tmp_path, env, "platform-parity", 3, project="tester/parity")
+        wait_for(lambda: len([m for m in platform.models() if m["runs"] and m["runs"][-1]["end"]]) == 2, timeout=180)
+    finally:
+        pipeline.stop()
+    requests = [r for r in platform.requests() if r["status"] == 200 and r["endpoint"] == "metrics"]
+    theirs = next(m["id"] for m in platform.models() if "trainbusRunId" not in m["environment"])
+    by_model: dict[str, dict[str, list[dict]]] = {}
+    for r in requests:
+        model = r["json"].get("modelId") or next(
+            (m["id"] for m in platform.models() if m["slug"] == r["json"].get("name")), "?"
+        )
+        by_model.setdefault(model if r["event"] != "training_started" else _registered(r, platform), {}).setdefault(
+            r["event"], []
+        ).append(r["json"]["data"])
+    ours = next(m for m in by_model if m != theirs)
+    table = []
+    for event, sent in sorted(by_model[theirs].items()):
+        got = by_model[ours].get(event, [])
+        table.append(f"{event}: Ultralytics {len(sent)}, trainbus {len(got)}")
+        assert got, f"trainbus never sent {event}"
+        their_keys, our_keys = set().union(*map(set, sent)), set().union(*map(set, got))
+        assert their_keys <= our_keys, f"{event}: trainbus lacks {sorted(their_keys - our_keys)}"
+        if event == "epoch_end":
+            assert sorted(d["epoch"] for d in got) == sorted(d["epoch"] for d in sent), "the same epochs"
+            for a, b in zip(sorted(sent, key=lambda d: d["epoch"]), sorted(got, key=lambda d: d["epoch"]), strict=True):
+                assert set(a["metrics"]) <= set(b["metrics"]), f"epoch {a['epoch']}: metric keys"
+                assert a.keys() - {"system"} <= b.keys()
+        if event == "training_complete":
+            assert set(sent[0]["results"]) <= set(got[0]["results"]), "results keys"
+    print("\n".join(table))
+    assert len(by_model[ours]["epoch_end"]) == len({d["epoch"] for d in by_model[ours]["epoch_end"]}), "each once"
+
+
+def _registered(request: dict, platform) -> str:
+    """The model a training_started created: the one whose first run began with these trainArgs' name."""
+    data = request["json"]["data"]
+    for model in platform.models():
+        if (
+            model["runs"]
+            and model["runs"][0]["started"]["trainArgs"] == data["trainArgs"]
+            and (("trainbusRunId" in model["environment"]) == ("trainbusRunId" in data["environment"]))
+        ):
+            return model["id"]
+    return "?"

@@ -54,7 +54,7 @@ from workers.sinks.run_state import RunState
 log = logging.getLogger("trainbus.platform")
 
 SINK = "platform"
-KINDS = ("session", "epochs", "ckpt", "final")
+KINDS = ("session", "epochs", "console", "ckpt", "final")
 FINAL_GAP_WAIT_S = 60.0  # after this, the final goes out even if an earlier seq never arrived
 POLL_S = 0.5
 PUT_TRIES = 3  # signed URLs that answer 403 (expired) before the upload counts as a failure
@@ -117,6 +117,8 @@ class PlatformSink:
             self.runs.set_if_newer(pipe, event, "ckpt")
         elif event.type == EventType.FINAL:
             self.runs.set_if_newer(pipe, event, "final")
+        elif event.type == EventType.CONSOLE:
+            pipe.hset(k.pending(SINK, run, "console"), str(p.get("chunk_id")), orjson.dumps(console_output(p)))
         elif event.type == EventType.RUN_END:
             pipe.hset(
                 k.state(SINK, run), mapping={"ended": p.get("status") or "completed", "error": p.get("error") or ""}
@@ -146,7 +148,7 @@ class PlatformSink:
                 return wait
             state = {k.decode(): v.decode() for k, v in self.client.hgetall(state_key).items()}
         model_id, platform_run = state["model_id"], state.get("run_id")
-        for step in (self._epochs, self._checkpoint, self._final):
+        for step in (self._epochs, self._console, self._checkpoint, self._final):
             wait = step(run_id, model_id, platform_run, state)
             if wait is not None:
                 return wait
@@ -253,6 +255,20 @@ class PlatformSink:
             log.info("upload sink=platform run=%s kind=epochs outcome=ok epochs=%d", run_id, len(pending))
         return None
 
+    def _console(self, run_id: str, model_id: str, platform_run: str | None, state: dict[str, str]) -> float | None:
+        """The training's console lines, one ``console_output`` per chunk, each once, in order."""
+        key = self.keys.pending(SINK, run_id, "console")
+        for chunk, raw in sorted(self.client.hgetall(key).items(), key=lambda x: int(x[0])):
+            if wait := self._wait(run_id, "console", "events"):
+                return wait
+            with self._attempt(run_id, "console") as attempt:
+                attempt.reply = self.api.event("console_output", orjson.loads(raw), model_id=model_id)
+            if not attempt.ok:
+                return self._retry_wait(run_id, "console")
+            self.runs.remove_if_same(key, {chunk.decode(): raw})
+            self._control(run_id, attempt.reply)
+        return None
+
     # -- checkpoints and the final --------------------------------------------------------
 
     def _checkpoint(self, run_id: str, model_id: str, platform_run: str | None, state: dict[str, str]) -> float | None:
@@ -286,7 +302,9 @@ class PlatformSink:
             if state.get("ended") and not self.client.hlen(self.keys.pending(SINK, run_id, "epochs")):
                 return self._ended_without_final(run_id, model_id, platform_run, state)
             return None
-        if self.client.hlen(self.keys.pending(SINK, run_id, "epochs")):
+        if self.client.hlen(self.keys.pending(SINK, run_id, "epochs")) or self.client.hlen(
+            self.keys.pending(SINK, run_id, "console")
+        ):
             return POLL_S
         waited = time.time() - float(recorded_at or time.time())
         if self.runs.recorded_below(run_id) < int(seq) and waited < FINAL_GAP_WAIT_S:
@@ -523,6 +541,15 @@ def epoch_end(p: dict[str, Any]) -> dict[str, Any]:
             "speedMs": info.get("model/speed_PyTorch(ms)", 0),
         }
     return data
+
+
+def console_output(p: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "chunkId": p.get("chunk_id"),
+        "content": p.get("content"),
+        "lineCount": p.get("line_count"),
+        "progress": p.get("progress") or {},
+    }
 
 
 def training_complete(final: dict[str, Any], artifact: dict[str, Any], platform_run: str | None) -> dict[str, Any]:
