@@ -85,3 +85,22 @@ def test_no_import_cycles():
         if node not in state:
             visit(node, [node])
     assert not cycles, cycles
+
+
+def test_dotted_paths_stored_outside_the_code_still_resolve():
+    """Queued jobs name workers.drain_job.drain; users' command lines -w workers.rq_worker.Worker."""
+    import importlib
+    import subprocess
+    import sys
+
+    from workers.pipeline.drain_job import drain
+    from workers.pipeline.rq_worker import SimpleWorker, Worker
+
+    assert importlib.import_module("workers.drain_job").drain is drain
+    old = importlib.import_module("workers.rq_worker")
+    assert (old.Worker, old.SimpleWorker) == (Worker, SimpleWorker)
+    for module in ("workers.cli", "producers.drain"):
+        out = subprocess.run(
+            [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
