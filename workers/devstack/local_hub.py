@@ -12,8 +12,6 @@ Endpoints are ``create``, ``get``, ``metrics``, ``upload``, ``heartbeat`` (or ``
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import hashlib
 import re
 import secrets
@@ -26,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from workers.devstack.http_double import DoubleHandler, DoubleServer, Fault, Recorder, Reply
+from workers.devstack.http_double import DoubleHandler, DoubleServer, Fault, Recorder, Reply, command_line
 
 __all__ = ["Fault", "LocalHub"]
 
@@ -128,20 +126,10 @@ class LocalHub(DoubleServer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m workers.devstack.local_hub",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free one)")
-    parser.add_argument("--api-key", help="the x-api-key to require (default: accept any)")
+    parser = command_line("python -m workers.devstack.local_hub", __doc__, "the x-api-key to require")
     parser.add_argument("--model", action="append", default=[], help="a model id that exists (repeatable)")
     args = parser.parse_args(argv)
-    server = LocalHub(args.port, args.api_key, tuple(args.model))
-    print(f"local HUB listening on {server.url}", flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.serve_forever()
-    return 0
+    return LocalHub(args.port, args.api_key, tuple(args.model)).serve_until_interrupted("HUB")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ and keeps the Platform's per-key sliding-window limits (events, uploads), answer
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import datetime
 import hashlib
 import re
@@ -35,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from workers.devstack.http_double import DoubleHandler, DoubleServer, Recorder, Reply
+from workers.devstack.http_double import DoubleHandler, DoubleServer, Recorder, Reply, command_line
 
 ROUTES = [
     ("POST", re.compile(r"^/api/webhooks/training/metrics$"), "metrics"),
@@ -251,23 +249,14 @@ class LocalPlatform(DoubleServer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m workers.devstack.local_platform",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free one)")
-    parser.add_argument("--api-key", help="the Bearer key to require (default: accept any)")
+    parser = command_line("python -m workers.devstack.local_platform", __doc__, "the Bearer key to require")
     parser.add_argument("--events-per-min", type=int, default=100, help="per-key event limit (default 100)")
     parser.add_argument("--uploads-per-min", type=int, default=10, help="per-key upload-URL limit (default 10)")
     parser.add_argument("--window", type=float, default=60.0, help="seconds of the limits' window (default 60)")
     args = parser.parse_args(argv)
     server = LocalPlatform(args.port, args.api_key)
     server.state.limits.update(events=args.events_per_min, uploads=args.uploads_per_min, window=args.window)
-    print(f"local Platform listening on {server.url}", flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.serve_forever()
-    return 0
+    return server.serve_until_interrupted("Platform")
 
 
 if __name__ == "__main__":

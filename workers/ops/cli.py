@@ -1,7 +1,8 @@
-"""The ``trainbus`` command: operator tools around the pipeline.
+"""The ``trainbus`` command: operator tools around the pipeline (``trainbus --help``).
 
-trainbus spool status            what the local spool still holds, per run
-trainbus spool replay [RUN ...]  push what the spool holds to Redis now
+On the training machine: ``spool status|gc|replay``. On the worker side: ``dispatch``,
+``status``, ``failed``, ``groups``, ``stop``, ``metrics``; and ``demo``. Settings come from
+the environment; a bad setting or an unreachable Redis is one line on stderr, not a trace.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"trainbus: bad setting {exc}", file=sys.stderr)
         return 2
+    except REDIS_UNAVAILABLE as exc:
+        url = redact_url(Settings.from_env().redis_url)
+        print(f"trainbus: cannot reach Redis at {url} ({exc}); is it running? (TRAINBUS_REDIS_URL)", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def spool_status(args: argparse.Namespace) -> int:
-
     settings = Settings.from_env(spool_dir=args.spool_dir)
     rows = []
     for run in run_dirs(settings.spool_dir):
@@ -192,7 +196,6 @@ def spool_status(args: argparse.Namespace) -> int:
 
 
 def spool_gc(args: argparse.Namespace) -> int:
-
     settings = Settings.from_env(spool_dir=args.spool_dir)
     held = collect(
         settings.spool_dir,
@@ -213,7 +216,6 @@ def spool_gc(args: argparse.Namespace) -> int:
 
 
 def spool_replay(args: argparse.Namespace) -> int:
-
     settings = Settings.from_env(spool_dir=args.spool_dir)
     runs = pending_runs(settings.spool_dir, args.run_ids or None)
     if not runs:
@@ -237,9 +239,8 @@ def spool_replay(args: argparse.Namespace) -> int:
 
 
 def run_dispatch(args: argparse.Namespace) -> int:
-
     settings = WorkerSettings.from_env()
-    client = connect(settings.redis_url, WORKER)
+    client = connect(settings.redis_url, WORKER)  # a long-running process: the worker's patience
     dispatcher = Dispatcher(client, settings, claim_idle_s=args.claim_idle, trim_every_s=args.trim_every)
     show_trainbus_logs()
     print(
@@ -259,10 +260,8 @@ def run_dispatch(args: argparse.Namespace) -> int:
 
 
 def serve_metrics(args: argparse.Namespace) -> int:
-
-    settings = WorkerSettings.from_env()
-    client = connect(settings.redis_url, COMMAND)
-    REGISTRY.register(RedisCollector(client, Keys(settings.namespace), settings.sinks))
+    settings, client, keys = worker_side()
+    REGISTRY.register(RedisCollector(client, keys, settings.sinks))
     start_http_server(args.port, addr=args.host)
     print(f"serving trainbus metrics on http://{args.host}:{args.port}/metrics", flush=True)
     try:
@@ -273,14 +272,8 @@ def serve_metrics(args: argparse.Namespace) -> int:
 
 
 def show_status(args: argparse.Namespace) -> int:
-
-    settings = WorkerSettings.from_env()
-    client = connect(settings.redis_url, COMMAND)
-    try:
-        status = pipeline_status(client, Keys(settings.namespace), settings.sinks)
-    except REDIS_UNAVAILABLE as exc:
-        print(f"trainbus: cannot reach Redis at {redact_url(settings.redis_url)}: {exc}", file=sys.stderr)
-        return 1
+    settings, client, keys = worker_side()
+    status = pipeline_status(client, keys, settings.sinks)
     if args.json:
         print(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode())
     else:
@@ -289,9 +282,8 @@ def show_status(args: argparse.Namespace) -> int:
 
 
 def show_groups(args: argparse.Namespace) -> int:
-
-    settings = WorkerSettings.from_env()
-    found = groups(redis_client(settings), Keys(settings.namespace))
+    _, client, keys = worker_side()
+    found = groups(client, keys)
     if not found:
         print("no consumer groups (no dispatcher has read the stream yet)")
         return 0
@@ -303,12 +295,11 @@ def show_groups(args: argparse.Namespace) -> int:
 
 
 def drop_group(args: argparse.Namespace) -> int:
-
-    settings = WorkerSettings.from_env()
+    settings, client, keys = worker_side()
     if args.name in settings.sinks:
         print(f"trainbus: {args.name} is in TRAINBUS_SINKS here; a dispatcher would create it again", file=sys.stderr)
         return 2
-    if not drop(redis_client(settings), Keys(settings.namespace), args.name):
+    if not drop(client, keys, args.name):
         print(f"trainbus: no consumer group {args.name!r} on the stream", file=sys.stderr)
         return 1
     print(f"dropped consumer group {args.name}")
@@ -316,9 +307,7 @@ def drop_group(args: argparse.Namespace) -> int:
 
 
 def stop_run(args: argparse.Namespace) -> int:
-    settings = WorkerSettings.from_env()
-    keys = Keys(settings.namespace)
-    client = redis_client(settings)
+    _, client, keys = worker_side()
     client.set(keys.stop(args.run_id), args.reason, ex=RUN_STATE_TTL_S)
     alive = client.exists(keys.alive(args.run_id))
     print(
@@ -329,10 +318,7 @@ def stop_run(args: argparse.Namespace) -> int:
 
 
 def show_failed(args: argparse.Namespace) -> int:
-
-    settings = WorkerSettings.from_env()
-    client = redis_client(settings)
-    keys = Keys(settings.namespace)
+    settings, client, keys = worker_side()
     if args.requeue:
         done = requeue_failed(client, keys, settings.sinks)
         print(f"requeued {len(done)} drain job(s)" + "".join(f"\n  {d.sink} {d.run_id}" for d in done))
@@ -348,9 +334,11 @@ def show_failed(args: argparse.Namespace) -> int:
     return 1
 
 
-def redis_client(settings: WorkerSettings) -> redis.Redis:
-    """The client of a one-shot command: it answers within seconds or says Redis is not there."""
-    return connect(settings.redis_url, COMMAND)
+def worker_side() -> tuple[WorkerSettings, redis.Redis, Keys]:
+    """What a one-shot worker-side command needs: settings, a client that answers within
+    seconds or fails (``main`` says Redis is not there), the namespace's keys."""
+    settings = WorkerSettings.from_env()
+    return settings, connect(settings.redis_url, COMMAND), Keys(settings.namespace)
 
 
 if __name__ == "__main__":

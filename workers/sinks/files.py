@@ -18,8 +18,9 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from shared.errors import TrainbusError
 
@@ -142,6 +143,26 @@ def open_file(path: str | Path, roots: Iterable[Path]) -> OpenedFile:
     except BaseException:
         os.close(fd)
         raise
+
+
+def open_snapshot(checkpoint: Mapping[str, Any], roots: Iterable[Path]) -> OpenedFile:
+    """Open the snapshot an event's ``checkpoint`` names and check it still has the sha256 the
+    event recorded: what is uploaded is what the training saved, or nothing."""
+    if "error" in checkpoint:
+        raise FileRefused(f"the producer could not snapshot it: {checkpoint['error']}")
+    path, sha256 = checkpoint.get("path"), checkpoint.get("sha256")
+    if not isinstance(path, str) or not isinstance(sha256, str):
+        raise FileRefused("the event names no snapshot path and sha256")
+    file = open_file(path, roots)
+    try:
+        if file.sha256() != sha256:
+            raise FileRefused(
+                f"{path} does not have the sha256 its event recorded: the file changed after its snapshot"
+            )
+    except BaseException:
+        file.close()
+        raise
+    return file
 
 
 def list_dir(directory: str | Path, pattern: str, roots: Iterable[Path]) -> list[str]:

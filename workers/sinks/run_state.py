@@ -11,18 +11,36 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import orjson
 import redis
 
+from shared.backoff import compute_backoff
 from shared.events import Event
 from shared.keys import RUN_STATE_TTL_S, Keys
+from shared.redis_client import REDIS_UNAVAILABLE
 from workers.counters import Counters
 
 log = logging.getLogger("trainbus.sink")
 
 DEAD_LETTER_MAXLEN = 10_000
+CONFIRM_WAIT_S = 120.0  # how long a delivery's record waits for Redis before the job gives up
+T = TypeVar("T")
+
+
+@dataclass
+class Attempt:
+    """What one request to a service came to: ``ok``, its reply, or the status of its failure."""
+
+    ok: bool = False
+    reply: dict[str, Any] | None = None
+    status: int | None = None
+    error: str | None = None  # a refusal the caller decides about (the sink says which)
+
+
 # KEYS: hash. ARGV: field, value, ... Deletes each field only if it still holds that value.
 HDEL_IF_SAME = """
 local removed = 0
@@ -114,11 +132,12 @@ class RunState:
         return int(self.client.hget(self.keys.seen(self.sink, run_id), "next") or 0)
 
     def remove_if_same(self, key: str, values: dict[str, bytes]) -> int:
-        """Delete fields that still hold the values we acted on (newer values stay)."""
+        """Delete fields that still hold the values we acted on (newer values stay): the record that
+        they were delivered, so it waits for an unavailable Redis (see :func:`confirm`)."""
         args: list[Any] = []
         for field, value in values.items():
             args += [field, value]
-        return int(self._hdel_if_same(keys=[key], args=args)) if args else 0
+        return confirm(lambda: int(self._hdel_if_same(keys=[key], args=args))) if args else 0
 
     def finish(self, run_id: str, kinds: tuple[str, ...]) -> None:
         """The run needs nothing more here: forget it as active, let its state expire.
@@ -139,6 +158,33 @@ class RunState:
             pipe.expire(key, RUN_STATE_TTL_S)
         pipe.execute()
 
+    def failed_attempt(
+        self, run_id: str, kind: str, error: Exception, *, wait: float | None = None, cap: float = 300.0
+    ) -> float:
+        """Count one retryable failure of ``kind`` and say how long to wait before the next try:
+        ``wait`` when the server said (Retry-After), else exponential backoff up to ``cap``."""
+        state_key = self.keys.state(self.sink, run_id)
+        attempt = self.client.hincrby(state_key, f"fail:{kind}", 1)
+        delay = wait if wait else compute_backoff(attempt - 1, base=1.0, cap=cap)
+        self.client.hincrby(state_key, "retries", 1)
+        self.counters.upload(self.sink, kind, "retry")
+        log.warning(
+            "upload sink=%s run=%s kind=%s outcome=retry delay=%.1f error=%r",
+            self.sink,
+            run_id,
+            kind,
+            delay,
+            str(error),
+        )
+        return delay
+
+    def attempt_ok(self, run_id: str, kind: str, *, count: bool = True) -> None:
+        """``kind`` went through: its failure count starts over (``count``: an upload, counted).
+        The first write after a delivery, so it waits for an unavailable Redis (see :func:`confirm`)."""
+        confirm(lambda: self.client.hdel(self.keys.state(self.sink, run_id), f"fail:{kind}"))
+        if count:
+            self.counters.upload(self.sink, kind, "ok")
+
     def dead_letter(self, reason: str, **context: Any) -> None:
         """Record what could not be processed and why; the pipeline goes on."""
         fields = {"reason": reason, "sink": self.sink, "ts": repr(time.time())}
@@ -146,3 +192,43 @@ class RunState:
         self.client.xadd(self.keys.dead_letters, fields, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
         self.counters.dead_lettered(self.sink)
         log.warning("dead letter (%s): %s", self.sink, reason)
+
+
+def confirm(write: Callable[[], T], wait_s: float = CONFIRM_WAIT_S) -> T:
+    """Run a Redis write that records a delivery, retrying while Redis is unavailable.
+
+    The service has the data already: if this record were lost with the job, the work would
+    be redone and sent twice. So a Redis restart or failover is waited out here, up to
+    ``wait_s``; the run's lease expires meanwhile only if Redis lost its data too.
+    """
+    deadline = time.monotonic() + wait_s
+    attempt = 0
+    while True:
+        try:
+            return write()
+        except REDIS_UNAVAILABLE as exc:
+            if time.monotonic() >= deadline:
+                raise
+            delay = compute_backoff(attempt, base=0.2, cap=5.0)
+            if attempt == 0:
+                log.warning("Redis unavailable (%s) while recording a delivery; waiting for it", exc)
+            time.sleep(delay)
+            attempt += 1
+
+
+def pending_counts(
+    client: redis.Redis, keys: Keys, sink: str, run_id: str, *, queued: tuple[str, ...], slots: tuple[str, ...]
+) -> dict[str, int]:
+    """What a run still waits on, for a sink's ``pending``: entries per ``queued`` hash, and
+    1 for each newest-only slot (``SET_IF_NEWER``) still holding data."""
+    pipe = client.pipeline(transaction=False)
+    for kind in queued:
+        pipe.hlen(keys.pending(sink, run_id, kind))
+    for kind in slots:
+        pipe.hexists(keys.pending(sink, run_id, kind), "data")
+    return {kind: int(n) for kind, n in zip((*queued, *slots), pipe.execute(), strict=True)}
+
+
+def final_done(client: redis.Redis, keys: Keys, sink: str, run_id: str) -> bool:
+    """The run's final reached the service, for a sink's ``delivered``."""
+    return bool(client.hexists(keys.state(sink, run_id), "final_done"))

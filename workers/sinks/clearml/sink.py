@@ -40,7 +40,6 @@ from typing import Any
 import orjson
 import redis
 
-from shared.backoff import compute_backoff
 from shared.events import Event, EventType
 from shared.keys import LIVENESS_TTL_S, Keys
 from shared.settings import WorkerSettings
@@ -128,19 +127,15 @@ class ClearmlSink:
     # -- worker side -----------------------------------------------------------------------
 
     def drain(self, run_id: str) -> float | None:
-        state_key = self.keys.state(SINK, run_id)
         try:
             self.owner.confirm_sent(run_id)
             waits = [self._report_events(run_id), self._discover_media(run_id), self._report_files(run_id)]
             waits.append(self._unsent(run_id))
         except ClearmlTimeout as exc:
-            attempt = self.client.hincrby(state_key, "fail", 1)
-            delay = POLL_S if isinstance(exc, ClearmlBusy) else compute_backoff(attempt - 1, base=1.0, cap=120.0)
-            self.client.hincrby(state_key, "retries", 1)
-            self.runs.counters.upload(SINK, "events", "retry")
-            log.warning("upload sink=clearml run=%s outcome=retry delay=%.1f error=%r", run_id, delay, str(exc))
-            return delay
-        self.client.hdel(state_key, "fail")
+            return self.runs.failed_attempt(
+                run_id, "events", exc, wait=POLL_S if isinstance(exc, ClearmlBusy) else None, cap=120.0
+            )
+        self.runs.attempt_ok(run_id, "events", count=False)  # each report is counted as it is made
         pending = [w for w in waits if w is not None]
         if pending:
             return min(pending)

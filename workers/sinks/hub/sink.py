@@ -17,22 +17,20 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 import redis
 
-from shared.backoff import compute_backoff
 from shared.events import Event, EventType
 from shared.keys import Keys
 from shared.settings import WorkerSettings
-from workers.sinks.files import FileRefused, open_file
+from workers.sinks.files import FileRefused, open_snapshot
 from workers.sinks.hub.client import HubClient, HubError
 from workers.sinks.interface import SinkRefused
 from workers.sinks.rate_limit import RateLimiter
-from workers.sinks.run_state import RunState
+from workers.sinks.run_state import Attempt, RunState, final_done, pending_counts
 
 log = logging.getLogger("trainbus.hub")
 
@@ -59,16 +57,11 @@ class HubSink:
 
     @staticmethod
     def pending(client: redis.Redis, keys: Keys, run_id: str) -> dict[str, int]:
-        pipe = client.pipeline(transaction=False)
-        pipe.hlen(keys.pending(SINK, run_id, "metrics"))
-        pipe.hexists(keys.pending(SINK, run_id, "ckpt"), "data")
-        pipe.hexists(keys.pending(SINK, run_id, "final"), "data")
-        metrics, ckpt, final = pipe.execute()
-        return {"metrics": metrics, "ckpt": int(ckpt), "final": int(final)}
+        return pending_counts(client, keys, SINK, run_id, queued=("metrics",), slots=("ckpt", "final"))
 
     @staticmethod
     def delivered(client: redis.Redis, keys: Keys, run_id: str) -> bool:
-        return bool(client.hexists(keys.state(SINK, run_id), "final_done"))
+        return final_done(client, keys, SINK, run_id)
 
     # -- dispatcher side -----------------------------------------------------------------
 
@@ -263,18 +256,8 @@ class HubSink:
         roots; its sha256 is checked on that descriptor, and the bytes sent are hashed again."""
         ck = payload.get("checkpoint") or {}
         try:
-            if "error" in ck:
-                raise FileRefused(f"the producer could not snapshot it: {ck['error']}")
-            if not isinstance(ck.get("path"), str) or not isinstance(ck.get("sha256"), str):
-                raise FileRefused("the event names no snapshot path and sha256")
-            with open_file(ck["path"], self.settings.file_roots) as file:
-                if file.sha256() != ck["sha256"]:
-                    raise FileRefused(
-                        f"{ck['path']} does not have the sha256 its event recorded: "
-                        "the file changed after its snapshot, so it is not uploaded"
-                    )
-                with self._attempt(run_id, kind) as attempt:
-                    self.hub.upload_checkpoint(model_id, file, ck["sha256"], **fields)
+            with open_snapshot(ck, self.settings.file_roots) as file, self._attempt(run_id, kind) as attempt:
+                self.hub.upload_checkpoint(model_id, file, ck["sha256"], **fields)
         except FileRefused as exc:
             self.runs.dead_letter(
                 f"checkpoint of epoch {payload.get('epoch')} not uploaded: {exc}",
@@ -299,11 +282,10 @@ class HubSink:
                 self.runs.counters.upload(SINK, kind, "failed")
                 self.client.set(self.keys.blocked(SINK, run_id), reason)
                 raise HubUploadFailed(reason) from None
-            attempt = self.client.hincrby(state_key, f"fail:{kind}", 1)
             if exc.status is not None and kind == "create":
                 self.client.hset(state_key, "create_http_status", exc.status)
             # The server said when (429 Retry-After): then, not later; else back off exponentially.
-            delay = exc.retry_after if exc.retry_after else compute_backoff(attempt - 1, base=1.0, cap=300.0)
+            delay = self.runs.failed_attempt(run_id, kind, exc, wait=exc.retry_after)
             if kind in RETRY_SOONER:  # a failed upload is not an upload: retry before the next slot
                 self.limits.retry_in(state_key, kind, delay)
             else:
@@ -311,20 +293,9 @@ class HubSink:
             if exc.retry_after:  # the server's wait holds for every request to that endpoint
                 for other in SAME_ENDPOINT.get(kind, ()):
                     self.limits.push_back(state_key, other, delay)
-            self.client.hincrby(state_key, "retries", 1)
-            self.runs.counters.upload(SINK, kind, "retry")
-            log.warning(
-                "upload sink=hub run=%s kind=%s outcome=retry delay=%.1f error=%r", run_id, kind, delay, str(exc)
-            )
             return
         attempt.ok = True
-        self.client.hdel(state_key, f"fail:{kind}")
-        self.runs.counters.upload(SINK, kind, "ok")
-
-
-@dataclass
-class Attempt:
-    ok: bool = False
+        self.runs.attempt_ok(run_id, kind)
 
 
 RETRY_SOONER = frozenset({"ckpt"})

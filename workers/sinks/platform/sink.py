@@ -35,7 +35,6 @@ import logging
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -45,11 +44,11 @@ from shared.backoff import compute_backoff
 from shared.events import Event, EventType
 from shared.keys import RUN_STATE_TTL_S, Keys
 from shared.settings import WorkerSettings
-from workers.sinks.files import FileRefused, open_file
+from workers.sinks.files import FileRefused, open_snapshot
 from workers.sinks.interface import SinkRefused
 from workers.sinks.platform.client import PlatformClient, PlatformError
 from workers.sinks.rate_limit import RateLimiter, WindowLimiter
-from workers.sinks.run_state import RunState
+from workers.sinks.run_state import Attempt, RunState, final_done, pending_counts
 
 log = logging.getLogger("trainbus.platform")
 
@@ -65,15 +64,6 @@ HANDLED_BY_CALLER = frozenset({(403, "put"), (404, "register")})
 
 class PlatformRefused(SinkRefused):
     """The Platform refused the run (or the key) in a way retrying cannot fix."""
-
-
-@dataclass
-class Attempt:
-    """What one request came to: ``ok``, the reply, or the status of its failure."""
-
-    ok: bool = False
-    reply: dict[str, Any] | None = None
-    status: int | None = None
 
 
 class PlatformSink:
@@ -93,16 +83,11 @@ class PlatformSink:
 
     @staticmethod
     def pending(client: redis.Redis, keys: Keys, run_id: str) -> dict[str, int]:
-        pipe = client.pipeline(transaction=False)
-        pipe.hlen(keys.pending(SINK, run_id, "epochs"))
-        pipe.hexists(keys.pending(SINK, run_id, "ckpt"), "data")
-        pipe.hexists(keys.pending(SINK, run_id, "final"), "data")
-        epochs, ckpt, final = pipe.execute()
-        return {"epochs": epochs, "ckpt": int(ckpt), "final": int(final)}
+        return pending_counts(client, keys, SINK, run_id, queued=("epochs", "console"), slots=("ckpt", "final"))
 
     @staticmethod
     def delivered(client: redis.Redis, keys: Keys, run_id: str) -> bool:
-        return bool(client.hexists(keys.state(SINK, run_id), "final_done"))
+        return final_done(client, keys, SINK, run_id)
 
     # -- dispatcher side -----------------------------------------------------------------
 
@@ -358,13 +343,7 @@ class PlatformSink:
         (seconds) to try again, None when the file cannot be used (the reason is dead-lettered)."""
         ck = payload.get("checkpoint") or {}
         try:
-            if "error" in ck:
-                raise FileRefused(f"the producer could not snapshot it: {ck['error']}")
-            if not isinstance(ck.get("path"), str) or not isinstance(ck.get("sha256"), str):
-                raise FileRefused("the event names no snapshot path and sha256")
-            with open_file(ck["path"], self.settings.file_roots) as file:
-                if file.sha256() != ck["sha256"]:
-                    raise FileRefused(f"{ck['path']} changed after its snapshot, so it is not uploaded")
+            with open_snapshot(ck, self.settings.file_roots) as file:
                 return self._put_flow(run_id, kind, file, ck["sha256"], model_id, platform_run)
         except FileRefused as exc:
             self.runs.dead_letter(
@@ -451,21 +430,14 @@ class PlatformSink:
                 self._block(run_id, f"run {run_id}: {exc}")
             if not exc.retryable:
                 return
-            attempt = self.client.hincrby(state_key, f"fail:{kind}", 1)
-            delay = exc.retry_after if exc.retry_after else compute_backoff(attempt - 1, base=1.0, cap=300.0)
+            delay = self.runs.failed_attempt(run_id, kind, exc, wait=exc.retry_after)
             self.slots.retry_in(state_key, f"retry:{kind}", delay)
             if exc.retry_after:  # the Platform's limits are per key: every run of the key waits
                 for bucket in ("events", "uploads"):
                     self.window.hold(self._window_key(bucket), exc.retry_after)
-            self.client.hincrby(state_key, "retries", 1)
-            self.runs.counters.upload(SINK, kind, "retry")
-            log.warning(
-                "upload sink=platform run=%s kind=%s outcome=retry delay=%.1f error=%r", run_id, kind, delay, str(exc)
-            )
             return
         result.ok = True
-        self.client.hdel(state_key, f"fail:{kind}")
-        self.runs.counters.upload(SINK, kind, "ok")
+        self.runs.attempt_ok(run_id, kind)
 
     def _block(self, run_id: str, reason: str) -> None:
         log.error("upload sink=platform run=%s outcome=failed error=%r", run_id, reason)
