@@ -301,7 +301,9 @@ class Publisher:
         )
 
     def lifecycle(self, type: str | EventType, **payload: Any) -> int | None:
-        """A moment without data of its own: pretrain_end, train_start, val_start, ..."""
+        """A moment of the run: pretrain_end (with the ``args`` set-up resolved), train_start, ..."""
+        if isinstance(payload.get("args"), Mapping):
+            payload["args"] = self._scrub_args(payload["args"])
         return self.publish(type, payload)
 
     def final(
@@ -312,11 +314,14 @@ class Publisher:
         *,
         map50_95: float | None = None,
         summary: Mapping[str, Any] | None = None,
+        files: Iterable[str | os.PathLike[str]] = (),
     ) -> int | None:
         """Training finished: the best checkpoint (snapshotted) and the final metrics.
 
         ``summary``: what the Platform's ``training_complete`` also carries (best epoch and
         fitness, class names, plots' data, ...); the Ultralytics callbacks fill it.
+        ``files``: the run's finished files (plots, results.csv, args.yaml) that sinks keep
+        as artifacts (MLflow); read by workers under TRAINBUS_FILE_ROOTS.
         """
         payload = {
             "epoch": epoch,
@@ -326,6 +331,8 @@ class Publisher:
         }
         if summary is not None:
             payload["summary"] = dict(summary)
+        if files:
+            payload["files"] = [os.path.realpath(f) for f in files]
         return self.publish(EventType.FINAL, payload)
 
     def end(self, status: str = "completed", error: str | None = None) -> int | None:

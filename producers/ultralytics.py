@@ -39,6 +39,7 @@ PLOT_NAMES = ("results.png", "confusion_matrix.png", "confusion_matrix_normalize
 SYSTEM_EVERY_S = 10.0  # how often the machine's load is sampled for the Platform
 PLOT_PATTERN = "*_curve.png"  # F1/PR/P/R curves, prefixed by task in recent releases
 MAP_KEY = "metrics/mAP50-95(B)"
+FINISHED_SUFFIXES = (".png", ".jpg", ".csv", ".yaml")  # of the save dir's files, kept as artifacts
 
 Callback = Callable[[Any], None]
 
@@ -99,7 +100,9 @@ class UltralyticsHooks:
         )
 
     def on_pretrain_routine_end(self, trainer: Any) -> None:
-        self.bus().lifecycle(EventType.PRETRAIN_END)
+        # The args as set-up resolved them (optimizer=auto -> the one chosen): MLflow's params.
+        args = dict(vars(trainer.args)) if getattr(trainer, "args", None) is not None else None
+        self.bus().lifecycle(EventType.PRETRAIN_END, args=args)
         if self.settings.console and self.publisher is not None and self._console is None:
             # Not at the routine's start: ClearML's Task.init (run then) fails on a captured stdout.
             self._console = _capture_console(self.publisher)
@@ -151,12 +154,16 @@ class UltralyticsHooks:
             bus.media("plot", "Results", directory=trainer.save_dir, names=PLOT_NAMES, pattern=PLOT_PATTERN)
         metrics = getattr(trainer, "metrics", None) or {}
         validator_metrics = getattr(getattr(getattr(trainer, "validator", None), "metrics", None), "results_dict", None)
+        last = getattr(trainer, "last", None)
+        if last is not None and os.path.exists(last):  # as the final validation left it (optimizer stripped)
+            bus.checkpoint(last, getattr(trainer, "epoch", 0), is_best=False)
         bus.final(
             trainer.best,
             getattr(trainer, "epoch", 0),
             validator_metrics or metrics,
             map50_95=metrics.get(MAP_KEY, 0),
             summary=_summary(trainer),
+            files=_finished_files(trainer),
         )
         bus.end("stopped" if getattr(self.publisher, "stop_requested", False) else "completed")
 
@@ -320,6 +327,14 @@ def _environment() -> dict[str, Any] | None:
     except Exception:
         log.debug("no Ultralytics environment info", exc_info=True)
         return None
+
+
+def _finished_files(trainer: Any) -> list[str]:
+    """The save dir's plots, tables and configs, which Ultralytics' MLflow callback logs at the end."""
+    save_dir = getattr(trainer, "save_dir", None)
+    if not save_dir or not os.path.isdir(save_dir):
+        return []
+    return sorted(e.path for e in os.scandir(save_dir) if e.is_file() and e.name.endswith(FINISHED_SUFFIXES))
 
 
 def _first_lr(trainer: Any) -> float | None:

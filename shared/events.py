@@ -65,6 +65,7 @@ NUMBER = (int, float)
 # would fail inside a sink, so decode_event refuses it up front with the field's name.
 PAYLOAD_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "session": {"args": dict, "name": str, "project": str, "hub_model_id": str, "device": str, "environment": dict},
+    "pretrain_end": {"args": dict},
     "train_epoch": {"epoch": int, "metrics": dict, "lr": dict},
     "fit_epoch": {
         "epoch": int,
@@ -79,7 +80,7 @@ PAYLOAD_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     },
     "checkpoint": {"epoch": int, "is_best": bool, "checkpoint": dict},
     "media": {"kind": str, "title": str, "paths": list, "dir": str, "pattern": str, "names": list, "iteration": int},
-    "final": {"epoch": int, "metrics": dict, "map50_95": NUMBER, "checkpoint": dict, "summary": dict},
+    "final": {"epoch": int, "metrics": dict, "map50_95": NUMBER, "checkpoint": dict, "summary": dict, "files": list},
     "run_end": {"status": str, "error": str},
     "console": {"chunk_id": int, "content": str, "line_count": int, "progress": dict},
 }
@@ -152,10 +153,9 @@ def decode_event(data: bytes | str) -> Event:
         _check_fields(payload, PAYLOAD_FIELDS.get(kind, {}), f"{kind} payload")
         if isinstance(payload.get("checkpoint"), dict):
             _check_fields(payload["checkpoint"], CHECKPOINT_FIELDS, f"{kind} payload's checkpoint")
-        if kind == "media":
-            for name in ("paths", "names"):
-                if not all(isinstance(p, str) for p in payload.get(name) or []):
-                    raise InvalidEvent(f"media payload: {name!r} must be a list of strings")
+        for name in ("paths", "names", "files"):
+            if not all(isinstance(p, str) for p in payload.get(name) or []):
+                raise InvalidEvent(f"{kind} payload: {name!r} must be a list of strings")
         nulls = obj.get("nulls", [])
         if not isinstance(nulls, list):
             raise InvalidEvent("'nulls' must be a list of payload paths")

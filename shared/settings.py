@@ -35,6 +35,8 @@ SECRET_ENV_VARS = (
     "ULTRALYTICS_API_KEY",
     "CLEARML_API_ACCESS_KEY",
     "CLEARML_API_SECRET_KEY",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
 )
 
 T = TypeVar("T")
@@ -245,6 +247,10 @@ class WorkerSettings:
     platform_events_per_min: int = env_field("TRAINBUS_PLATFORM_EVENTS_PER_MIN", count_setting, default=100)
     platform_uploads_per_min: int = env_field("TRAINBUS_PLATFORM_UPLOADS_PER_MIN", count_setting, default=10)
     platform_window_s: float = env_field("TRAINBUS_PLATFORM_WINDOW_S", number_setting, default=60.0)
+    # MLflow reads its credentials itself (MLFLOW_TRACKING_USERNAME/PASSWORD, MLFLOW_TRACKING_TOKEN).
+    mlflow_tracking_uri: str | None = env_field("MLFLOW_TRACKING_URI", text_setting, default=None)
+    mlflow_experiment: str | None = env_field("TRAINBUS_MLFLOW_EXPERIMENT", text_setting, default=None)
+    mlflow_timeout_s: float = env_field("TRAINBUS_MLFLOW_TIMEOUT_S", number_setting, default=30.0)
 
     def __post_init__(self) -> None:
         positive("TRAINBUS_GROUP_ABANDON_H", self.group_abandon_h)
@@ -255,6 +261,7 @@ class WorkerSettings:
         positive("TRAINBUS_RATE_HEARTBEAT", self.rate_heartbeat)
         positive("TRAINBUS_HUB_TIMEOUT_S", self.hub_timeout_s)
         positive("TRAINBUS_CLEARML_TIMEOUT_S", self.clearml_timeout_s)
+        positive("TRAINBUS_MLFLOW_TIMEOUT_S", self.mlflow_timeout_s)
 
     @property
     def group_abandon_s(self) -> float:

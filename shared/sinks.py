@@ -29,5 +29,7 @@ SINKS: dict[str, SinkEntry] = {
         SinkEntry("hub", "hub-uploads", FORKING, "workers.sinks.hub:HubSink"),
         SinkEntry("clearml", "clearml", NON_FORKING, "workers.sinks.clearml:ClearmlSink"),
         SinkEntry("platform", "platform", FORKING, "workers.sinks.platform:PlatformSink"),
+        # Not forking: the mlflow import (about a second) and its HTTP session stay in the worker.
+        SinkEntry("mlflow", "mlflow", NON_FORKING, "workers.sinks.mlflow:MlflowSink"),
     )
 }

@@ -129,3 +129,24 @@ def platform() -> Iterator:
 def stream_events(client: redis.Redis, keys: Keys) -> list[dict]:
     """Every event on the stream, decoded, in stream order."""
     return [orjson.loads(fields[b"event"]) for _, fields in client.xrange(keys.events)]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A real `mlflow server` (SQLite, local artifacts, basic auth) for the whole session."""
+    pytest.importorskip("mlflow", reason="the MLflow tests need mlflow: pip install -e '.[test]'")
+    from tests.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlflow_proxy(mlflow_server) -> Iterator:
+    """A faulting HTTP proxy in front of the session's MLflow server, for one test."""
+    from tests.mlflow_server import ProxyServer
+
+    proxy = ProxyServer(mlflow_server.url)
+    yield proxy
+    proxy.stop()

@@ -80,8 +80,9 @@ def train(callbacks: dict, save_dir: Path, epochs: int = 3) -> StandInTrainer:
     if epochs:
         for i in range(3):  # mosaics drawn in a background thread: they show up late
             (save_dir / f"train_batch{i}.jpg").write_bytes(b"jpg")
-    t.epoch = epochs  # the final validation's extra on_fit_epoch_end
+    t.epoch = epochs  # the final validation's extra on_fit_epoch_end, then the epoch restored
     callbacks["on_fit_epoch_end"](t)
+    t.epoch = epochs - 1
     torch.save({"epoch": epochs - 1, "w": torch.zeros(10)}, t.best)  # stripped in place, no on_model_save
     (save_dir / "results.png").write_bytes(b"png")
     (save_dir / "BoxPR_curve.png").write_bytes(b"png")
@@ -125,9 +126,10 @@ def test_a_training_publishes_what_hub_and_clearml_callbacks_need(
     nan_event = next(e for e in events if e["type"] == "train_epoch")
     assert nan_event["nulls"] == ["metrics.train/dfl_loss"]
 
-    ckpts = by_type["checkpoint"]
-    assert [(c["epoch"], c["is_best"]) for c in ckpts] == [(0, True), (1, True), (2, True)]
+    ckpts = by_type["checkpoint"]  # and last.pt as training left it (the final validation strips it)
+    assert [(c["epoch"], c["is_best"]) for c in ckpts] == [(0, True), (1, True), (2, True), (2, False)]
     assert all(len(c["checkpoint"]["sha256"]) == 64 for c in ckpts)
+    assert ckpts[-1]["checkpoint"]["source"] == str(trainer.last)
 
     media = by_type["media"]
     mosaic = [m for m in media if m["title"] == "Mosaic"]
@@ -138,6 +140,10 @@ def test_a_training_publishes_what_hub_and_clearml_callbacks_need(
 
     final = by_type["final"][0]
     assert final["map50_95"] == 0.2 * 2 and final["metrics"][MAP] == 0.4
+    names = ["BoxPR_curve.png", "results.png", *(f"train_batch{i}.jpg" for i in range(3))]
+    names += [f"val_batch{i}_pred.jpg" for i in range(3)]
+    assert [Path(f).name for f in final["files"]] == names  # the save dir's, for MLflow's artifacts
+    assert by_type["pretrain_end"][0]["args"]["imgsz"] == 64  # the args as set-up left them, for MLflow
     assert final["checkpoint"]["label"] == "final" and len(final["checkpoint"]["sha256"]) == 64
     assert events[-1]["type"] == "run_end" and events[-1]["payload"]["status"] == "completed"
     assert {"pretrain_end", "train_start", "val_start", "val_end"} <= set(by_type)

@@ -16,6 +16,8 @@ Control: ``GET /_control/requests`` (every request by arrival), ``POST /_control
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import socket
 import struct
 import threading
@@ -39,6 +41,7 @@ class Fault:
     hang: float = 0.0
     reset: bool = False
     truncate: bool = False
+    lost_reply: bool = False  # a proxy's fault: the request is served, then the connection cut
 
 
 @dataclass
@@ -70,6 +73,21 @@ class DoubleServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def serve_until_interrupted(self, name: str) -> int:
+        """Serve in the foreground (``python -m ...``) until Ctrl-C."""
+        print(f"local {name} listening on {self.url}", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            self.serve_forever()
+        return 0
+
+
+def command_line(prog: str, doc: str | None, key_help: str) -> argparse.ArgumentParser:
+    """The options every double's ``main`` takes: its port and the API key it requires."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free one)")
+    parser.add_argument("--api-key", help=f"{key_help} (default: accept any)")
+    return parser
 
 
 class DoubleHandler(BaseHTTPRequestHandler):
