@@ -135,7 +135,7 @@ def stream_events(client: redis.Redis, keys: Keys) -> list[dict]:
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """A real `mlflow server` (SQLite, local artifacts, basic auth) for the whole session."""
     pytest.importorskip("mlflow", reason="the MLflow tests need mlflow: pip install -e '.[test]'")
-    from tests.mlflow_server import MlflowServer
+    from workers.devstack.local_mlflow import MlflowServer
 
     server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
     yield server
@@ -145,7 +145,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
 @pytest.fixture
 def mlflow_proxy(mlflow_server) -> Iterator:
     """A faulting HTTP proxy in front of the session's MLflow server, for one test."""
-    from tests.mlflow_server import ProxyServer
+    from workers.devstack.local_mlflow import ProxyServer
 
     proxy = ProxyServer(mlflow_server.url)
     yield proxy

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import redis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +18,7 @@ FAST = ["--epochs", "3", "--rate-metrics", "0.3", "--rate-ckpt", "1", "--rate-he
 
 
 def demo(tmp_path: Path, redis_url: str, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINBUS_", "CLEARML_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINBUS_", "CLEARML_", "MLFLOW_"))}
     env.update(TRAINBUS_REDIS_URL=redis_url, PYTHONPATH=str(ROOT))
     summary = tmp_path / "summary.json"
     out = subprocess.run(
@@ -86,6 +88,20 @@ def test_the_demo_to_the_platform_by_default_names_what_the_platform_received(tm
     assert sorted(r["json"]["data"]["epoch"] for r in events if r["event"] == "epoch_end") == [0, 1, 2, 3]
     assert platform["requests"]["epoch_end"] == platform["epochs_sent"] == 4, "3 epochs and the final validation"
     assert platform["failed_requests"] == 2 and platform["model_url"]
+
+
+def test_the_demo_to_mlflow_starts_a_local_server_and_its_summary_is_what_the_server_holds(tmp_path, redis_url):
+    pytest.importorskip("mlflow", reason="the MLflow demo needs mlflow: pip install -e '.[test]'")
+    out, s = demo(tmp_path, redis_url, "--sink", "mlflow")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ml = s["mlflow"]
+    assert "MLflow run" in out.stdout and ml["status"] == "FINISHED" and ml["experiment"] == "trainbus-demo"
+    assert {"weights/best.pt", "weights/last.pt", "results.png", "results.csv"} <= set(ml["artifacts"])
+    with sqlite3.connect(tmp_path / "demo" / "mlflow" / "mlflow.db") as db:  # what the (stopped) server holds
+        (status,) = db.execute("SELECT status FROM runs WHERE run_uuid = ?", (ml["run"],)).fetchone()
+        points = db.execute("SELECT key, step FROM metrics WHERE run_uuid = ?", (ml["run"],)).fetchall()
+    assert status == "FINISHED" and len(points) == ml["points_logged"] == len(set(points)) > 0
+    assert {step for _, step in points} == {0, 1, 2, 3}, "3 epochs and the final validation"
 
 
 def test_demo_starts_and_stops_its_own_redis_when_none_answers(tmp_path):

@@ -18,8 +18,8 @@ import torch
 from producers import Publisher
 from shared.events import EventType
 from tests.helpers import wait_for
-from tests.mlflow_server import PASSWORD
 from tests.pipeline import Pipeline
+from workers.devstack.local_mlflow import PASSWORD
 
 EPOCHS = 4
 

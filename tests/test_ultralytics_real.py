@@ -264,3 +264,74 @@ def _registered(request: dict, platform) -> str:
         ):
             return model["id"]
     return "?"
+
+
+def test_the_mlflow_run_holds_every_param_metric_and_artifact_ultralytics_own_mlflow_callback_logs(
+    redis_url, namespace, spool_dir, mlflow_server, tmp_path
+):
+    """One real training with both Ultralytics' MLflow callback (on, to the real server, from the
+    training process) and trainbus's callbacks with the MLflow sink. Both runs land in the
+    experiment named by the project arg; key by key, everything Ultralytics logs is in trainbus's run."""
+    from mlflow.entities import ViewType
+
+    pipeline = Pipeline(
+        redis_url,
+        namespace,
+        None,
+        spool_dir,
+        TRAINBUS_SINKS="mlflow",
+        TRAINBUS_FILE_ROOTS=f"{spool_dir}:{tmp_path}",
+        **mlflow_server.env(),
+    )
+    try:
+        pipeline.dispatcher()
+        pipeline.worker("mlflow")
+        env = {
+            "TRAINBUS_REDIS_URL": redis_url,
+            "TRAINBUS_NAMESPACE": namespace,
+            "TRAINBUS_SPOOL_DIR": str(spool_dir),
+            "YOLO_SETTINGS_CLEARML": "False",
+            "YOLO_SETTINGS_MLFLOW": "True",
+            **mlflow_server.env(),
+        }
+        project = train(tmp_path, env, "mlflow-parity", 3)
+        client = mlflow_server.client()
+        experiment = client.get_experiment_by_name(str(project))
+        assert experiment is not None, "Ultralytics' callback did not log (is mlflow installed beside it?)"
+
+        def both_ended() -> list:
+            runs = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL)
+            return runs if len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs) else []
+
+        runs = wait_for(both_ended, timeout=180)
+    finally:
+        pipeline.stop()
+    (ours,) = [r for r in runs if r.data.tags.get("trainbus.run_id") == "mlflow-parity"]
+    (theirs,) = [r for r in runs if r is not ours]
+    assert ours.info.run_name == theirs.info.run_name == "train"
+
+    def history(run) -> dict[tuple[str, int], float]:
+        points = [(k, m.step, m.value) for k in run.data.metrics for m in client.get_metric_history(run.info.run_id, k)]
+        assert len(points) == len({(k, s) for k, s, _ in points}), "a (key, step) twice"
+        return {(k, s): v for k, s, v in points}
+
+    def artifacts(run) -> dict[str, str]:
+        out = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / run.info.run_id)))
+        return {
+            str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()
+        }
+
+    their_points, our_points = history(theirs), history(ours)
+    their_files, our_files = artifacts(theirs), artifacts(ours)
+    print(
+        f"params: Ultralytics {len(theirs.data.params)}, trainbus {len(ours.data.params)}\n"
+        f"metric points: Ultralytics {len(their_points)}, trainbus {len(our_points)}\n"
+        f"artifacts: Ultralytics {len(their_files)}, trainbus {len(our_files)}: {sorted(our_files)}"
+    )
+    assert theirs.data.params == {k: ours.data.params.get(k) for k in theirs.data.params}, "every param, same value"
+    assert set(their_points) <= set(our_points), f"trainbus lacks {sorted(set(their_points) - set(our_points))}"
+    for key, value in their_points.items():
+        if "speed" not in key[0]:  # inference speed is timed, not computed
+            assert math.isclose(our_points[key], value, rel_tol=1e-6, abs_tol=1e-12), (key, value, our_points[key])
+    assert set(their_files) <= set(our_files), f"trainbus lacks {sorted(set(their_files) - set(our_files))}"
+    assert {k: our_files[k] for k in their_files} == their_files, "the same bytes"

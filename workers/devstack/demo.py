@@ -5,7 +5,8 @@ behaves like Ultralytics' (same attributes, same callback order, real ``last.pt`
 rewritten in place, mosaics drawn late, a ``results.png``) drives the Ultralytics callbacks.
 Around it: Redis (``TRAINBUS_REDIS_URL`` if it answers, else an embedded redis-server),
 the local HUB server (unless ``TRAINBUS_HUB_API_URL``/``TRAINBUS_HUB_API_KEY`` are set),
-ClearML in offline mode (unless ``CLEARML_API_ACCESS_KEY`` is set), a dispatcher and one
+ClearML in offline mode (unless ``CLEARML_API_ACCESS_KEY`` is set), a local ``mlflow server``
+(unless ``MLFLOW_TRACKING_URI`` is set; needs ``mlflow`` installed), a dispatcher and one
 ``rq worker`` per queue as processes. Exit status 0 only when everything was delivered.
 """
 
@@ -36,6 +37,7 @@ from shared.sinks import SINKS
 from workers.devstack.embedded_redis import RedisServer
 from workers.devstack.http_double import DoubleServer, Fault
 from workers.devstack.local_hub import LocalHub
+from workers.devstack.local_mlflow import MlflowServer
 from workers.devstack.local_platform import LocalPlatform
 from workers.pipeline.rq_worker import worker_command, worker_env
 from workers.sinks.registry import sink_class
@@ -56,6 +58,7 @@ class Stack:
     redis: RedisServer | None = None
     hub: LocalHub | None = None
     platform: LocalPlatform | None = None
+    mlflow: MlflowServer | None = None
     procs: list[subprocess.Popen] = field(default_factory=list)
     sinks: tuple[str, ...] = ("hub", "clearml")
     env: dict[str, str] = field(default_factory=dict)
@@ -72,6 +75,8 @@ class Stack:
         for server in (self.hub, self.platform):
             if server is not None:
                 server.shutdown()
+        if self.mlflow is not None:
+            self.mlflow.stop()
         if self.redis is not None:
             self.redis.stop()
 
@@ -88,7 +93,8 @@ def add_parser(commands: Any) -> None:
         action="append",
         choices=sorted(SINKS),
         help="deliver to this sink (repeatable; default: platform and clearml). Local servers stand in for "
-        "HUB and the Platform unless their URL and key are set; ClearML runs offline unless its keys are set",
+        "HUB and the Platform unless their URL and key are set; ClearML runs offline unless its keys are set; "
+        "a local mlflow server is started unless MLFLOW_TRACKING_URI is set",
     )
     demo.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
     demo.add_argument("--rate-metrics", type=float, default=1.0, help="seconds between HUB metrics requests")
@@ -202,7 +208,23 @@ def start_clearml(stack: Stack, env: dict[str, str], faults: list[Fault]) -> Non
     print(f"clearml:  offline mode, sessions under {stack.workdir / 'clearml' / 'offline'}")
 
 
-STARTERS = {"hub": start_hub, "platform": start_platform, "clearml": start_clearml}
+def start_mlflow(stack: Stack, env: dict[str, str], faults: list[Fault]) -> None:
+    """A local ``mlflow server`` (its UI at the URL printed), unless MLFLOW_TRACKING_URI is set."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        print(f"mlflow:   {redact_url(os.environ['MLFLOW_TRACKING_URI'])}")
+        return
+    try:
+        import mlflow.server  # noqa: F401 - the server, not only the client
+    except ImportError:
+        raise SystemExit("--sink mlflow starts a local mlflow server, which needs mlflow: pip install mlflow") from None
+    (stack.workdir / "mlflow").mkdir(exist_ok=True)
+    print("mlflow:   starting a local mlflow server (about 10 s)...", flush=True)
+    stack.mlflow = MlflowServer(stack.workdir / "mlflow").start()
+    env.update(stack.mlflow.env())
+    print(f"mlflow:   local mlflow server at {stack.mlflow.url} (user admin, password in its env)")
+
+
+STARTERS = {"hub": start_hub, "platform": start_platform, "clearml": start_clearml, "mlflow": start_mlflow}
 
 
 def serve(server: DoubleServer, faults: list[Fault]) -> Any:
@@ -275,6 +297,7 @@ class DemoTrainer:
         self.fitness = self.best_fitness = None
         self.metrics: dict[str, float] = {}
         self.validator = SimpleNamespace(save_dir=save_dir, metrics=SimpleNamespace(results_dict={}))
+        (save_dir / "args.yaml").write_text("".join(f"{k}: {v}\n" for k, v in vars(self.args).items()))
         torch.manual_seed(0)
         self.model = torch.nn.Sequential(
             torch.nn.Conv2d(1, 8, 3, padding=1),
@@ -321,6 +344,8 @@ class DemoTrainer:
         self.best_fitness = max(self.best_fitness or 0.0, accuracy)
         self.history.append(val_loss)
         save_grid(self.images[:16], self.save_dir / "val_batch0_pred.jpg")
+        with open(self.save_dir / "results.csv", "a") as results:  # a row per validation, as Ultralytics writes
+            results.write(f"{len(self.history)},{val_loss:.5g},{accuracy:.5g}\n")
 
     def save_model(self) -> None:
         """In place, as Ultralytics does: last.pt always, best.pt when fitness is the best."""
@@ -404,7 +429,9 @@ def train(stack: Stack, epochs: int) -> TrainReport:
     t.epoch = epochs  # the final validation's extra on_fit_epoch_end, as in Ultralytics
     t.validate()
     call("on_fit_epoch_end", t)
-    t.torch.save({"epoch": epochs - 1, "model": t.model.state_dict()}, t.best)  # stripped in place
+    t.epoch = epochs - 1
+    for weights in (t.last, t.best):  # stripped of the optimizer in place
+        t.torch.save({"epoch": epochs - 1, "model": t.model.state_dict()}, weights)
     save_results_plot(t.history, save_dir / "results.png")
     t.validator.metrics.results_dict = dict(t.metrics)
     call("on_train_end", t)
@@ -511,7 +538,25 @@ def clearml_summary(stack: Stack, state: dict[str, str]) -> dict[str, Any]:
     }
 
 
-SUMMARIES = {"hub": hub_summary, "platform": platform_summary, "clearml": clearml_summary}
+def mlflow_summary(stack: Stack, state: dict[str, str]) -> dict[str, Any]:
+    return {
+        "run": state.get("mlflow_run"),
+        "experiment": state.get("experiment"),
+        "points_logged": int(state.get("points_sent", 0)),
+        "artifacts": sorted(
+            k.removeprefix("artifact:") for k, v in state.items() if k.startswith("artifact:") and v == "ok"
+        ),
+        "status": state.get("status"),
+        "url": stack.mlflow.url if stack.mlflow else os.environ.get("MLFLOW_TRACKING_URI"),
+    }
+
+
+SUMMARIES = {
+    "hub": hub_summary,
+    "platform": platform_summary,
+    "clearml": clearml_summary,
+    "mlflow": mlflow_summary,
+}
 
 
 def print_summary(s: dict[str, Any]) -> None:
@@ -540,6 +585,12 @@ def print_summary(s: dict[str, Any]) -> None:
         lines += [
             f"ClearML          task {clearml['task']}, {clearml['events_reported']} events reported",
             f"ClearML session  {clearml['session'] or 'online'}",
+        ]
+    if ml := s.get("mlflow"):
+        lines += [
+            f"MLflow run       {ml['run']} in experiment {ml['experiment']!r}: {ml['status']}, "
+            f"{ml['points_logged']} metric points",
+            f"MLflow artifacts {', '.join(ml['artifacts']) or 'none'} ({ml['url']})",
         ]
     lines += [
         f"hook overhead    p50 {s['hook_us_p50']:.1f} µs, p99 {s['hook_us_p99']:.1f} µs per callback (after start-up)",

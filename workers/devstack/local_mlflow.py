@@ -1,5 +1,6 @@
-"""A real ``mlflow server`` for the tests (SQLite, local artifacts, basic auth), and a faulting
-HTTP proxy in front of it: what a slow, cut-off or unanswering tracking server does.
+"""A real ``mlflow server`` (SQLite, local artifacts, basic auth) for the demo, the tests and the
+benchmarks, and a faulting HTTP proxy in front of it: what a slow, cut-off or unanswering
+tracking server does. Needs ``mlflow`` itself (the server), not only the client.
 
 The proxy forwards every request to the real server and records it (endpoint, status, the
 JSON body; a ``log-batch`` carrying metrics is ``runs/log-batch:metrics``), then applies the
@@ -28,7 +29,7 @@ import requests
 from workers.devstack.http_double import DoubleHandler, DoubleServer, Recorder
 
 ADMIN = "admin"
-PASSWORD = "trainbus-test-Pa55word"
+PASSWORD = "trainbus-local-Pa55word"  # of a server that only listens on 127.0.0.1
 START_TIMEOUT_S = 90.0
 
 
@@ -51,7 +52,7 @@ class MlflowServer:
         env = {
             **os.environ,
             "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": "trainbus-tests",
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "trainbus-local",
         }
         log = open(self.workdir / "server.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
