@@ -10,6 +10,6 @@ COPY pyproject.toml README.md ./
 COPY producers producers
 COPY shared shared
 COPY workers workers
-RUN pip install . rq-dashboard six && useradd --create-home trainbus && mkdir -p /data && chown trainbus /data
+RUN pip install '.[mlflow]' rq-dashboard six && useradd --create-home trainbus && mkdir -p /data && chown trainbus /data
 USER trainbus
 CMD ["trainbus", "--help"]

@@ -12,6 +12,11 @@ Cases, measured in one run on the same payload (one epoch's metrics, as HUB rece
                                  with a note when wandb is not installed (pip install -e '.[bench]')
   thread per upload (HUB)        the Ultralytics HUB session's way: a thread started per
                                  upload, posting to a local HTTP server
+  mlflow.log_metrics (sync)      Ultralytics' MLflow callback's way: one request per call to a
+                                 local ``mlflow server`` (started here; at most 500 calls)
+  mlflow.log_metrics (async)     the same with ``synchronous=False``: MLflow's own background
+                                 queue (in memory); its flush at the end is not timed
+                                 (both skipped with a note when mlflow is not installed)
 
 Prints p50/p99/max in microseconds and the p99 ratio against trainbus (Redis up).
 """
@@ -53,6 +58,7 @@ METRICS = {
     "val/dfl_loss": 1.2,
 }
 WANDB_CASE = "wandb.log (offline)"
+MLFLOW_CALLS = 500  # each synchronous call is a request: a few ms
 
 
 def measure(call: Callable[[int], object], calls: int, interval_s: float) -> list[float]:
@@ -99,6 +105,42 @@ def wandb_log(calls: int, interval_s: float) -> list[float] | None:
         finally:
             run.finish()  # not timed: syncing the run's file and stopping wandb's service process
             wandb.teardown()
+
+
+def mlflow_log(calls: int, interval_s: float) -> list[tuple[str, list[float]]] | None:
+    """``mlflow.log_metrics`` to a local mlflow server, synchronous and not; None without mlflow."""
+    try:
+        import mlflow
+        import mlflow.server
+    except ImportError:
+        return None
+    from workers.devstack.local_mlflow import MlflowServer
+
+    metrics = {k.replace("(", "").replace(")", ""): v for k, v in METRICS.items()}  # as Ultralytics sanitizes
+    results = []
+    with tempfile.TemporaryDirectory() as workdir:
+        server = MlflowServer(Path(workdir), auth=False).start()  # no password hashing per request
+        try:
+            os.environ.update(server.env())
+            mlflow.set_tracking_uri(server.url)
+            mlflow.set_experiment("trainbus-bench")
+            for name, synchronous in (("mlflow.log_metrics (sync)", True), ("mlflow.log_metrics (async)", False)):
+                with mlflow.start_run():
+                    n = min(calls, MLFLOW_CALLS)
+                    results.append(
+                        (
+                            name,
+                            measure(
+                                lambda i, sync=synchronous: mlflow.log_metrics(metrics, step=i, synchronous=sync),
+                                n,
+                                interval_s,
+                            ),
+                        )
+                    )
+                    mlflow.flush_async_logging()  # not timed
+        finally:
+            server.stop()
+    return results
 
 
 def run(calls: int, redis_url: str, interval_s: float) -> list[tuple[str, list[float]]]:
@@ -154,6 +196,11 @@ def run(calls: int, redis_url: str, interval_s: float) -> list[tuple[str, list[f
         threading.Thread(target=post_swallowing_errors, args=(payload,), daemon=True).start()
 
     results.append(("thread per upload (HUB)", measure(thread_per_upload, min(calls, 3000), interval_s)))
+    mlflow_results = mlflow_log(calls, interval_s)
+    if mlflow_results is None:
+        print("mlflow.log_metrics: skipped, mlflow is not installed (pip install -e '.[test]')")
+    else:
+        results += mlflow_results
     time.sleep(1)
     server.shutdown()
     for key in client.scan_iter(match=f"{namespace}:*"):

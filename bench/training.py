@@ -23,6 +23,11 @@ busy. Cases:
   in-process HUB, healthy/slow (2 s)/down
                                   the Ultralytics HUB session's pattern (InProcessHub) against the
                                   same HUB servers: a thread per upload, the final on the training thread
+  in-process MLflow, healthy/slow (2 s)/stopped
+                                  Ultralytics' MLflow callback (InProcessMlflow) against a local
+                                  ``mlflow server``, the same behind a proxy answering 2 s late, and a
+                                  closed port; MLflow's client retries bounded by --mlflow-retries
+                                  (skipped with a note when mlflow is not installed)
 
 The in-process and the workers' rate limits are the same (RATES), so both send about the
 same requests. Reported per case, medians over --repeats, cases interleaved (round-robin,
@@ -39,6 +44,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -58,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.procs import API_KEY, DEFAULT_REDIS_URL, Stack, exit_on_sigterm, model_id, table, wait_until
 from producers import Publisher
 from shared.settings import generate_run_id
+from workers.devstack.http_double import Fault
 
 BATCH = 64
 SEED = 0
@@ -214,6 +221,48 @@ class InProcessHub:
             return False
 
 
+class InProcessMlflow:
+    """Ultralytics' MLflow callback (``ultralytics/utils/callbacks/mlflow.py``), minimal: the run
+    started and the args logged at set-up, two ``log_metrics`` per epoch, the weights logged and
+    the run ended at the end, all on the training thread; the first failure stops the tracking."""
+
+    def __init__(self, uri: str, epochs: int) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        self.active = False
+        try:
+            mlflow.set_tracking_uri(uri)
+            mlflow.set_experiment("trainbus-bench")
+            mlflow.start_run(run_name="bench-training")
+            mlflow.log_params({"model": "small-cnn", "epochs": epochs, "batch": BATCH})
+            self.active = True
+        except Exception:
+            self._end("FAILED")
+
+    def epoch_end(self, epoch: int, metrics: dict[str, float], last: Path) -> None:
+        for part in ({"train/loss": metrics["train/loss"], "lr/pg0": 0.01}, metrics):
+            if self.active:
+                try:
+                    self.mlflow.log_metrics(part, step=epoch)
+                except Exception:
+                    self.active = False
+
+    def finish(self, best: Path, epoch: int, metrics: dict[str, float]) -> None:
+        if self.active:
+            with contextlib.suppress(Exception):
+                self.mlflow.log_artifact(str(best.parent))
+        self._end("FINISHED")
+
+    def cleanup(self) -> None:
+        self._end("KILLED")
+
+    def _end(self, status: str) -> None:
+        with contextlib.suppress(Exception):
+            if self.mlflow.active_run() is not None:
+                self.mlflow.end_run(status=status)
+
+
 def train(data: Data, telemetry: Callable[[], Telemetry], epochs: int, weights: Path) -> tuple[float, float]:
     """(training loop seconds, end-to-end seconds) of one training with ``telemetry``, from SEED."""
     torch.manual_seed(SEED)
@@ -275,6 +324,32 @@ def trainbus_case(name: str, stack: Stack, epochs: int, *, check_delivery: bool 
     return Case(name, telemetry, stack.workdir, delivered if check_delivery else None)
 
 
+def mlflow_cases(cleanup: contextlib.ExitStack, tmp: Path, epochs: int) -> list[Case]:
+    """The in-process MLflow cases, each with its server (none: skipped, said)."""
+    try:
+        import mlflow.server  # noqa: F401 - the server, not only the client
+    except ImportError:
+        print("in-process MLflow: skipped, mlflow is not installed (pip install -e '.[test]')", file=sys.stderr)
+        return []
+    from workers.devstack.local_mlflow import MlflowServer, ProxyServer
+
+    (tmp / "mlflow").mkdir()
+    server = MlflowServer(tmp / "mlflow", auth=False).start()
+    cleanup.callback(server.stop)
+    slow = ProxyServer(server.url)
+    cleanup.callback(slow.stop)
+    slow.recorder.faults.append(Fault(endpoint="any", delay=2, count=1_000_000))
+
+    def in_process(url: str) -> Callable[[], Telemetry]:
+        return lambda: InProcessMlflow(url, epochs)
+
+    return [
+        Case("in-process MLflow, healthy", in_process(server.url), tmp),
+        Case("in-process MLflow, slow (2 s)", in_process(slow.url), tmp),
+        Case("in-process MLflow, stopped", in_process(HUB_DOWN_URL), tmp),
+    ]
+
+
 def cases(stacks: dict[str, Stack], tmp: Path, epochs: int, final_timeout: float) -> list[Case]:
     def redis_down() -> Trainbus:
         spool = tempfile.mkdtemp(dir=tmp)  # a fresh spool: no earlier run's events to hand off
@@ -307,7 +382,7 @@ def run(args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
         for stack in stacks.values():
             stack.dispatcher()
             stack.worker()
-        all_cases = cases(stacks, tmp, args.epochs, args.final_timeout)
+        all_cases = cases(stacks, tmp, args.epochs, args.final_timeout) + mlflow_cases(cleanup, tmp, args.epochs)
         warm_up = next(case for case in all_cases if case.delivered)  # trainbus, sinks healthy
         train(data, warm_up.telemetry, 1, Path(tempfile.mkdtemp(dir=warm_up.root)))  # torch warm, pipeline proven
         wait_until(warm_up.delivered, DELIVERY_TIMEOUT_S, "the healthy pipeline delivering the warm-up run")
@@ -370,8 +445,16 @@ def main() -> None:
         default=30.0,
         help="seconds the in-process final upload keeps retrying (default 30; the official client: 3600)",
     )
+    parser.add_argument(
+        "--mlflow-retries",
+        type=int,
+        default=2,
+        help="MLflow client retries in the in-process MLflow cases (default 2; MLflow's own: 7, which holds "
+        "a training about 4 min at a stopped server)",
+    )
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     args = parser.parse_args()
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(args.mlflow_retries)  # this process only: the in-process cases
     torch.set_num_threads(1)
     exit_on_sigterm()
     logging.getLogger("trainbus").setLevel(logging.ERROR)  # the down cases' expected warnings
@@ -379,7 +462,8 @@ def main() -> None:
     steps = args.epochs * args.batches
     print(
         f"small CNN, {args.epochs} epochs x {args.batches} batches of {BATCH} ({steps} steps), torch on 1 thread; "
-        f"medians of {args.repeats} interleaved repeats; in-process final upload bounded at {args.final_timeout:g} s"
+        f"medians of {args.repeats} interleaved repeats; in-process final upload bounded at {args.final_timeout:g} s, "
+        f"in-process MLflow client retries at {args.mlflow_retries}"
     )
     print(report(results, steps))
 

@@ -40,13 +40,16 @@ def test_the_schema_check_catches_a_mistake():
 
 def test_the_stack_has_what_it_needs():
     services = COMPOSE["services"]
-    assert {"redis", "dispatcher", "hub-uploads", "clearml", "metrics", "rq-dashboard", "demo"} <= set(services)
+    assert {"redis", "dispatcher", "hub-uploads", "clearml", "mlflow", "metrics", "rq-dashboard", "demo"} <= set(
+        services
+    )
+    assert "mlflow-data:/mlflow" in services["mlflow-server"]["volumes"], "the optional MLflow server keeps its data"
     assert "--json" in services["rq-dashboard"]["command"], "jobs are JSON: the dashboard must decode them so"
     assert "--appendonly" in services["redis"]["command"], "Redis keeps its data across restarts"
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     for name, service in services.items():
         assert service.get("restart") == ("no" if name == "demo" else "unless-stopped"), name
-    for name in ("dispatcher", "hub-uploads", "clearml"):
+    for name in ("dispatcher", "hub-uploads", "clearml", "mlflow"):
         assert services[name]["healthcheck"]["test"] == ["CMD", "trainbus", "status", "--json"]
         assert "run-data:/data" in services[name]["volumes"], "workers read run files from the shared volume"
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -69,7 +72,8 @@ def test_trainbus_commands_exist(service):
 
 
 @pytest.mark.parametrize(
-    ("service", "sink"), [("platform", "platform"), ("hub-uploads", "hub"), ("clearml", "clearml")]
+    ("service", "sink"),
+    [("platform", "platform"), ("hub-uploads", "hub"), ("clearml", "clearml"), ("mlflow", "mlflow")],
 )
 def test_worker_commands_use_our_queue_worker_class_and_json(service, sink):
     command = COMPOSE["services"][service]["command"]

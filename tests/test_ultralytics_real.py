@@ -283,6 +283,11 @@ def test_the_mlflow_run_holds_every_param_metric_and_artifact_ultralytics_own_ml
         TRAINBUS_FILE_ROOTS=f"{spool_dir}:{tmp_path}",
         **mlflow_server.env(),
     )
+    client = mlflow_server.client()
+    # Made up front: when trainbus's worker creates it at the same moment, MLflow's fluent
+    # set_experiment in the training (Ultralytics' callback) gets RESOURCE_ALREADY_EXISTS and
+    # its run lands in the Default experiment (seen here).
+    client.create_experiment(str(tmp_path / "runs"))
     try:
         pipeline.dispatcher()
         pipeline.worker("mlflow")
@@ -295,7 +300,6 @@ def test_the_mlflow_run_holds_every_param_metric_and_artifact_ultralytics_own_ml
             **mlflow_server.env(),
         }
         project = train(tmp_path, env, "mlflow-parity", 3)
-        client = mlflow_server.client()
         experiment = client.get_experiment_by_name(str(project))
         assert experiment is not None, "Ultralytics' callback did not log (is mlflow installed beside it?)"
 

@@ -219,9 +219,9 @@ def start_mlflow(stack: Stack, env: dict[str, str], faults: list[Fault]) -> None
         raise SystemExit("--sink mlflow starts a local mlflow server, which needs mlflow: pip install mlflow") from None
     (stack.workdir / "mlflow").mkdir(exist_ok=True)
     print("mlflow:   starting a local mlflow server (about 10 s)...", flush=True)
-    stack.mlflow = MlflowServer(stack.workdir / "mlflow").start()
-    env.update(stack.mlflow.env())
-    print(f"mlflow:   local mlflow server at {stack.mlflow.url} (user admin, password in its env)")
+    stack.mlflow = MlflowServer(stack.workdir / "mlflow", auth=False).start()
+    env.update(MLFLOW_TRACKING_URI=stack.mlflow.url)
+    print(f"mlflow:   local mlflow server at {stack.mlflow.url} (its UI there while the demo runs)")
 
 
 STARTERS = {"hub": start_hub, "platform": start_platform, "clearml": start_clearml, "mlflow": start_mlflow}

@@ -42,8 +42,9 @@ def free_port() -> int:
 class MlflowServer:
     """``mlflow server`` on a free loopback port, which a test may stop and start again."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, auth: bool = True) -> None:
         self.workdir = workdir
+        self.auth = auth  # basic auth checks a password hash on every request: slower, as deployed
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -61,8 +62,7 @@ class MlflowServer:
                 "-m",
                 "mlflow",
                 "server",
-                "--app-name",
-                "basic-auth",
+                *(("--app-name", "basic-auth") if self.auth else ()),
                 "--backend-store-uri",
                 f"sqlite:///{self.workdir / 'mlflow.db'}",
                 "--artifacts-destination",
