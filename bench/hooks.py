@@ -107,7 +107,7 @@ def wandb_log(calls: int, interval_s: float) -> list[float] | None:
             wandb.teardown()
 
 
-def mlflow_log(calls: int, interval_s: float) -> list[tuple[str, list[float]]] | None:
+def mlflow_log(calls: int, interval_s: float, uri: str | None) -> list[tuple[str, list[float]]] | None:
     """``mlflow.log_metrics`` to a local mlflow server, synchronous and not; None without mlflow."""
     try:
         import mlflow
@@ -119,10 +119,9 @@ def mlflow_log(calls: int, interval_s: float) -> list[tuple[str, list[float]]] |
     metrics = {k.replace("(", "").replace(")", ""): v for k, v in METRICS.items()}  # as Ultralytics sanitizes
     results = []
     with tempfile.TemporaryDirectory() as workdir:
-        server = MlflowServer(Path(workdir), auth=False).start()  # no password hashing per request
+        server = None if uri else MlflowServer(Path(workdir), auth=False).start()  # no password hashing per request
         try:
-            os.environ.update(server.env())
-            mlflow.set_tracking_uri(server.url)
+            mlflow.set_tracking_uri(uri or server.url)
             mlflow.set_experiment("trainbus-bench")
             for name, synchronous in (("mlflow.log_metrics (sync)", True), ("mlflow.log_metrics (async)", False)):
                 with mlflow.start_run():
@@ -139,11 +138,12 @@ def mlflow_log(calls: int, interval_s: float) -> list[tuple[str, list[float]]] |
                     )
                     mlflow.flush_async_logging()  # not timed
         finally:
-            server.stop()
+            if server is not None:
+                server.stop()
     return results
 
 
-def run(calls: int, redis_url: str, interval_s: float) -> list[tuple[str, list[float]]]:
+def run(calls: int, redis_url: str, interval_s: float, mlflow_uri: str | None) -> list[tuple[str, list[float]]]:
     results: list[tuple[str, list[float]]] = []
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     client = redis.Redis.from_url(redis_url)
@@ -196,7 +196,7 @@ def run(calls: int, redis_url: str, interval_s: float) -> list[tuple[str, list[f
         threading.Thread(target=post_swallowing_errors, args=(payload,), daemon=True).start()
 
     results.append(("thread per upload (HUB)", measure(thread_per_upload, min(calls, 3000), interval_s)))
-    mlflow_results = mlflow_log(calls, interval_s)
+    mlflow_results = mlflow_log(calls, interval_s, mlflow_uri)
     if mlflow_results is None:
         print("mlflow.log_metrics: skipped, mlflow is not installed (pip install -e '.[test]')")
     else:
@@ -234,8 +234,9 @@ def main() -> None:
         default=0.0,
         help="pause between calls, to mimic a slower training loop (default: none)",
     )
+    parser.add_argument("--mlflow-uri", help="an mlflow server for the mlflow.log_metrics cases (default: start one)")
     args = parser.parse_args()
-    results = run(args.calls, args.redis_url, args.interval_us / 1e6)
+    results = run(args.calls, args.redis_url, args.interval_us / 1e6, args.mlflow_uri)
     print(table(results))
 
 

@@ -72,7 +72,7 @@ MODEL = model_id(0)
 RATES = {"metrics": 0.5, "ckpt": 2.0, "heartbeat": 5.0}  # seconds between requests of a kind, both patterns
 HUB_DOWN_URL = "http://127.0.0.1:1"  # nothing listens there
 REDIS_DOWN_URL = "redis://127.0.0.1:1/0"
-SLOW_HUB_FAULT = {"endpoint": "any", "delay": 2, "count": 100_000}
+
 STACKS = ("healthy", "slow", "down")  # one local HUB, dispatcher and worker each
 DELIVERY_TIMEOUT_S = 60.0
 GOAL = 0.99  # trainbus within 1% of no telemetry
@@ -324,33 +324,35 @@ def trainbus_case(name: str, stack: Stack, epochs: int, *, check_delivery: bool 
     return Case(name, telemetry, stack.workdir, delivered if check_delivery else None)
 
 
-def mlflow_cases(cleanup: contextlib.ExitStack, tmp: Path, epochs: int) -> list[Case]:
-    """The in-process MLflow cases, each with its server (none: skipped, said)."""
+def mlflow_cases(cleanup: contextlib.ExitStack, tmp: Path, epochs: int, slow_s: float, uri: str | None) -> list[Case]:
+    """The in-process MLflow cases against ``uri`` or a local server started here (no mlflow: skipped, said)."""
     try:
         import mlflow.server  # noqa: F401 - the server, not only the client
     except ImportError:
-        print("in-process MLflow: skipped, mlflow is not installed (pip install -e '.[test]')", file=sys.stderr)
+        print("in-process MLflow: skipped, mlflow is not installed (pip install -e '.[test]')")
         return []
     from workers.devstack.local_mlflow import MlflowServer, ProxyServer
 
-    (tmp / "mlflow").mkdir()
-    server = MlflowServer(tmp / "mlflow", auth=False).start()
-    cleanup.callback(server.stop)
-    slow = ProxyServer(server.url)
+    if uri is None:
+        (tmp / "mlflow").mkdir()
+        server = MlflowServer(tmp / "mlflow", auth=False).start()
+        cleanup.callback(server.stop)
+        uri = server.url
+    slow = ProxyServer(uri)
     cleanup.callback(slow.stop)
-    slow.recorder.faults.append(Fault(endpoint="any", delay=2, count=1_000_000))
+    slow.recorder.faults.append(Fault(endpoint="any", delay=slow_s, count=1_000_000))
 
     def in_process(url: str) -> Callable[[], Telemetry]:
         return lambda: InProcessMlflow(url, epochs)
 
     return [
-        Case("in-process MLflow, healthy", in_process(server.url), tmp),
-        Case("in-process MLflow, slow (2 s)", in_process(slow.url), tmp),
+        Case("in-process MLflow, healthy", in_process(uri), tmp),
+        Case(f"in-process MLflow, slow ({slow_s:g} s)", in_process(slow.url), tmp),
         Case("in-process MLflow, stopped", in_process(HUB_DOWN_URL), tmp),
     ]
 
 
-def cases(stacks: dict[str, Stack], tmp: Path, epochs: int, final_timeout: float) -> list[Case]:
+def cases(stacks: dict[str, Stack], tmp: Path, epochs: int, final_timeout: float, slow_s: float) -> list[Case]:
     def redis_down() -> Trainbus:
         spool = tempfile.mkdtemp(dir=tmp)  # a fresh spool: no earlier run's events to hand off
         return Trainbus(Publisher(redis_url=REDIS_DOWN_URL, spool_dir=spool, hub_model=MODEL), epochs)
@@ -362,11 +364,11 @@ def cases(stacks: dict[str, Stack], tmp: Path, epochs: int, final_timeout: float
     return [
         Case("no telemetry", NoTelemetry, tmp),
         trainbus_case("trainbus, sinks healthy", stacks["healthy"], epochs, check_delivery=True),
-        trainbus_case("trainbus, HUB slow (2 s)", stacks["slow"], epochs),
+        trainbus_case(f"trainbus, HUB slow ({slow_s:g} s)", stacks["slow"], epochs),
         trainbus_case("trainbus, HUB down", stacks["down"], epochs),
         Case("trainbus, Redis down", redis_down, tmp),
         Case("in-process HUB, healthy", in_process(healthy), tmp),
-        Case("in-process HUB, slow (2 s)", in_process(slow), tmp),
+        Case(f"in-process HUB, slow ({slow_s:g} s)", in_process(slow), tmp),
         Case("in-process HUB, down", in_process(HUB_DOWN_URL), tmp),
     ]
 
@@ -377,12 +379,14 @@ def run(args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
     with contextlib.ExitStack() as cleanup:
         tmp = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bench-training-")))
         stacks = {name: cleanup.enter_context(Stack(args.redis_url, models=[MODEL], **RATES)) for name in STACKS}
-        requests.post(f"{stacks['slow'].hub.url}/_control/faults", json=SLOW_HUB_FAULT, timeout=5).raise_for_status()
+        slow_fault = {"endpoint": "any", "delay": args.slow_s, "count": 100_000}
+        requests.post(f"{stacks['slow'].hub.url}/_control/faults", json=slow_fault, timeout=5).raise_for_status()
         stacks["down"].env["TRAINBUS_HUB_API_URL"] = HUB_DOWN_URL
         for stack in stacks.values():
             stack.dispatcher()
             stack.worker()
-        all_cases = cases(stacks, tmp, args.epochs, args.final_timeout) + mlflow_cases(cleanup, tmp, args.epochs)
+        all_cases = cases(stacks, tmp, args.epochs, args.final_timeout, args.slow_s)
+        all_cases += mlflow_cases(cleanup, tmp, args.epochs, args.slow_s, args.mlflow_uri)
         warm_up = next(case for case in all_cases if case.delivered)  # trainbus, sinks healthy
         train(data, warm_up.telemetry, 1, Path(tempfile.mkdtemp(dir=warm_up.root)))  # torch warm, pipeline proven
         wait_until(warm_up.delivered, DELIVERY_TIMEOUT_S, "the healthy pipeline delivering the warm-up run")
@@ -452,6 +456,8 @@ def main() -> None:
         help="MLflow client retries in the in-process MLflow cases (default 2; MLflow's own: 7, which holds "
         "a training about 4 min at a stopped server)",
     )
+    parser.add_argument("--slow-s", type=float, default=2.0, help="how late the slow servers answer (default 2)")
+    parser.add_argument("--mlflow-uri", help="an mlflow server for the in-process MLflow cases (default: start one)")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     args = parser.parse_args()
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(args.mlflow_retries)  # this process only: the in-process cases

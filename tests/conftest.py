@@ -133,13 +133,26 @@ def stream_events(client: redis.Redis, keys: Keys) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """A real `mlflow server` (SQLite, local artifacts, basic auth) for the whole session."""
+    """A real `mlflow server` (SQLite, local artifacts) for the whole session. Without basic auth,
+    which checks a password hash on every request (about 0.2 s here); the credentials test
+    starts one with it."""
     pytest.importorskip("mlflow", reason="the MLflow tests need mlflow: pip install -e '.[test]'")
     from workers.devstack.local_mlflow import MlflowServer
 
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), auth=False).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def mlflow_uri(request: pytest.FixtureRequest) -> str | None:
+    """The session's MLflow server's URL for the benchmarks' smoke runs; None without mlflow (they
+    then print that they skip their MLflow rows)."""
+    try:
+        import mlflow.server  # noqa: F401
+    except ImportError:
+        return None
+    return request.getfixturevalue("mlflow_server").url
 
 
 @pytest.fixture

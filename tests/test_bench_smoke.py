@@ -17,8 +17,13 @@ def run_bench(script: str, *args: str) -> str:
     return out.stdout
 
 
-def test_hooks_benchmark_runs(redis_url):
-    stdout = run_bench("hooks.py", "--calls", "200", "--redis-url", redis_url)
+def mlflow_args(uri: str | None) -> list[str]:
+    """The session's mlflow server, when there is one, instead of a server each script starts."""
+    return ["--mlflow-uri", uri] if uri else []
+
+
+def test_hooks_benchmark_runs(redis_url, mlflow_uri):
+    stdout = run_bench("hooks.py", "--calls", "200", "--redis-url", redis_url, *mlflow_args(mlflow_uri))
     for case in (
         "no hook",
         "trainbus, Redis up",
@@ -31,17 +36,17 @@ def test_hooks_benchmark_runs(redis_url):
         assert case in stdout
 
 
-def test_training_benchmark_runs(redis_url):
-    tiny = ["--epochs", "2", "--batches", "3", "--repeats", "1", "--final-timeout", "1"]
-    stdout = run_bench("training.py", *tiny, "--redis-url", redis_url)
+def test_training_benchmark_runs(redis_url, mlflow_uri):
+    tiny = ["--epochs", "2", "--batches", "3", "--repeats", "1", "--final-timeout", "1", "--slow-s", "0.2"]
+    stdout = run_bench("training.py", *tiny, "--redis-url", redis_url, *mlflow_args(mlflow_uri))
     for case in (
         "no telemetry",
         "trainbus, sinks healthy",
-        "trainbus, HUB slow (2 s)",
+        "trainbus, HUB slow (0.2 s)",
         "trainbus, HUB down",
         "trainbus, Redis down",
         "in-process HUB, healthy",
-        "in-process HUB, slow (2 s)",
+        "in-process HUB, slow (0.2 s)",
         "in-process HUB, down",
         "in-process MLflow",  # its rows, or the note that mlflow is not installed
     ):

@@ -19,7 +19,7 @@ from producers import Publisher
 from shared.events import EventType
 from tests.helpers import wait_for
 from tests.pipeline import Pipeline
-from workers.devstack.local_mlflow import PASSWORD
+from workers.devstack.local_mlflow import PASSWORD, MlflowServer
 
 EPOCHS = 4
 
@@ -138,14 +138,20 @@ def check_whole(got: dict, expected: dict) -> None:
     assert got["artifacts"] == expected["artifacts"]
 
 
-def test_a_training_reaches_mlflow_whole_each_point_once(pipeline, spool_dir, tmp_path, mlflow_server, namespace):
+def deliver(pipeline, spool_dir, tmp_path, mlflow_server, namespace, name: str, timeout: float = 90, between=None):
+    """One training through a dispatcher and a worker, until MLflow has the run FINISHED: what it
+    must hold, and what it holds."""
     pipeline.dispatcher()
     pipeline.worker("mlflow")
-    bus = publisher(pipeline, spool_dir, "ml-whole")
-    expected = train(bus, tmp_path / "runs" / "whole", namespace)
+    bus = publisher(pipeline, spool_dir, f"ml-{name}")
+    expected = train(bus, tmp_path / "runs" / name, namespace, between=between)
     bus.close()
-    wait_for(lambda: finished(mlflow_server, namespace, "ml-whole"), timeout=90)
-    got = held(mlflow_server, namespace, "ml-whole", tmp_path)
+    wait_for(lambda: finished(mlflow_server, namespace, f"ml-{name}"), timeout=timeout)
+    return expected, held(mlflow_server, namespace, f"ml-{name}", tmp_path)
+
+
+def test_a_training_reaches_mlflow_whole_each_point_once(pipeline, spool_dir, tmp_path, mlflow_server, namespace):
+    expected, got = deliver(pipeline, spool_dir, tmp_path, mlflow_server, namespace, "whole")
     assert got["name"] == "whole"
     check_whole(got, expected)
     status = pipeline.cli("status")
@@ -156,15 +162,10 @@ def test_a_lost_reply_to_the_run_creation_makes_one_run(
     pipeline, spool_dir, tmp_path, mlflow_server, mlflow_proxy, namespace
 ):
     mlflow_proxy.fault(endpoint="runs/create", lost_reply=True)
-    pipeline.dispatcher()
-    pipeline.worker("mlflow")
-    bus = publisher(pipeline, spool_dir, "ml-lost")
-    expected = train(bus, tmp_path / "runs" / "lost", namespace)
-    bus.close()
-    wait_for(lambda: finished(mlflow_server, namespace, "ml-lost"), timeout=90)
+    expected, got = deliver(pipeline, spool_dir, tmp_path, mlflow_server, namespace, "lost")
     assert [r["status"] for r in mlflow_proxy.requests("runs/create")] == ["lost reply"]  # the server made it
     assert len(runs_of(mlflow_server, namespace, "ml-lost")) == 1
-    check_whole(held(mlflow_server, namespace, "ml-lost", tmp_path), expected)
+    check_whole(got, expected)
 
 
 def test_batches_answered_past_the_timeout_are_not_sent_again(
@@ -173,13 +174,8 @@ def test_batches_answered_past_the_timeout_are_not_sent_again(
     """The server logs the batch but answers after the worker's timeout (2 s): the retry asks the
     server what it holds and sends only the rest, so no point travels twice."""
     mlflow_proxy.fault(endpoint="runs/log-batch:metrics", hang=4, count=2)
-    pipeline.dispatcher()
-    pipeline.worker("mlflow")
-    bus = publisher(pipeline, spool_dir, "ml-slow")
-    expected = train(bus, tmp_path / "runs" / "slow", namespace)
-    bus.close()
-    wait_for(lambda: finished(mlflow_server, namespace, "ml-slow"), timeout=120)
-    check_whole(held(mlflow_server, namespace, "ml-slow", tmp_path), expected)
+    expected, got = deliver(pipeline, spool_dir, tmp_path, mlflow_server, namespace, "slow", timeout=120)
+    check_whole(got, expected)
     sent: dict[tuple[str, int], int] = {}
     for r in mlflow_proxy.requests("runs/log-batch:metrics"):
         for m in (r.get("json") or {}).get("metrics", []):
@@ -234,11 +230,19 @@ def test_a_worker_killed_mid_batch_and_two_racing_on_three_runs(
 
 
 def test_bad_credentials_stop_the_run_with_what_to_fix_and_the_password_stays_out(
-    redis_url, namespace, spool_dir, tmp_path, mlflow_server, mlflow_proxy, client
+    redis_url, namespace, spool_dir, tmp_path, client
 ):
+    (tmp_path / "auth").mkdir()
+    server = MlflowServer(tmp_path / "auth", auth=True).start()  # basic auth, as a deployed server
     wrong = "not-the-Password-42"
-    p = mlflow_pipeline(
-        redis_url, namespace, spool_dir, tmp_path, mlflow_server, mlflow_proxy, MLFLOW_TRACKING_PASSWORD=wrong
+    p = Pipeline(
+        redis_url,
+        namespace,
+        None,
+        spool_dir,
+        TRAINBUS_SINKS="mlflow",
+        TRAINBUS_FILE_ROOTS=f"{spool_dir}:{tmp_path / 'runs'}",
+        **server.env(password=wrong),
     )
     try:
         p.dispatcher()
@@ -249,9 +253,10 @@ def test_bad_credentials_stop_the_run_with_what_to_fix_and_the_password_stays_ou
         wait_for(lambda: "MLFLOW_TRACKING_PASSWORD" in p.cli("failed").stdout, timeout=60)
         failed = p.cli("failed").stdout
         assert "credentials" in failed and "--requeue" in failed, failed
+        assert not runs_of(server, namespace, "ml-auth")
     finally:
         p.stop()
-    assert not runs_of(mlflow_server, namespace, "ml-auth")
+        server.stop()
     logs = b"".join(f.read_bytes() for f in spool_dir.glob("proc-*.log"))
     assert wrong.encode() not in logs and PASSWORD.encode() not in logs
     for key in client.scan_iter(match=f"{namespace}:*"):
