@@ -310,3 +310,11 @@ def test_a_failed_run_ends_failed_a_silent_one_killed_and_nan_is_kept(
     assert (failed.info.status, silent.info.status) == ("FAILED", "KILLED")
     nan = mlflow_server.client().get_metric_history(failed.info.run_id, "val/loss")
     assert len(nan) == 1 and nan[0].value != nan[0].value  # NaN in training is NaN in MLflow
+
+    # the "silent" producer was only cut off: what it sends now continues the run, and ends it
+    record("ml-silent", 2, "fit_epoch", {"epoch": 1, "metrics": {"val/loss": 0.25}})
+    record("ml-silent", 3, "run_end", {"status": "completed"})
+    drain_until_done(sink, "ml-silent")
+    (silent,) = runs_of(mlflow_server, namespace, "ml-silent")
+    history = mlflow_server.client().get_metric_history(silent.info.run_id, "val/loss")
+    assert silent.info.status == "FINISHED" and sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.25)]

@@ -17,7 +17,7 @@ What a run becomes (``ultralytics/utils/callbacks/mlflow.py`` is the reference),
               (the newest checkpoint's), sha256-checked, and every file the final lists
               (the save dir's png, jpg, csv and yaml)
   status      FINISHED after the artifacts; FAILED when the run ended in an error; KILLED when
-              the producer went silent
+              the producer went silent (if it sends again, the run continues)
 
 Exactly once: MLflow appends a history point per logged metric, so a redelivered epoch
 would be a visible duplicate. A batch's (key, step) fields are written to the run's state
@@ -365,7 +365,9 @@ class MlflowSink:
         log.info("upload sink=mlflow run=%s kind=artifact outcome=ok path=%s", run_id, shown)
         return None
 
-    def _terminate(self, run_id: str, mlflow_run: str, status: str) -> float | None:
+    def _terminate(self, run_id: str, mlflow_run: str, status: str, *, done: bool = True) -> float | None:
+        """The MLflow run's status; ``done``: nothing of the run comes after it (else events that
+        still arrive are logged to it, and its final sets it FINISHED)."""
         with self._attempt(run_id, "end") as attempt:
             self.api.set_terminated(mlflow_run, status)
         if attempt.error:
@@ -373,19 +375,25 @@ class MlflowSink:
         if not attempt.ok:
             return self._retry_wait(run_id, "end")
         pipe = self.client.pipeline()
-        pipe.hset(self.keys.state(SINK, run_id), mapping={"final_done": 1, "status": status})
-        pipe.delete(self.keys.pending(SINK, run_id, "final"), self.keys.pending(SINK, run_id, "last"))
+        pipe.hset(self.keys.state(SINK, run_id), "status", status)
+        if done:
+            pipe.hset(self.keys.state(SINK, run_id), "final_done", 1)
+            pipe.delete(self.keys.pending(SINK, run_id, "final"), self.keys.pending(SINK, run_id, "last"))
         pipe.execute()
         log.info("upload sink=mlflow run=%s kind=end outcome=ok status=%s", run_id, status)
         return None
 
     def _idle_wait(self, run_id: str, mlflow_run: str, state: dict[str, str]) -> float | None:
-        """Nothing to send now: keep the run while its producer lives; a silent one was KILLED."""
+        """Nothing to send now: keep the run while its producer lives; a silent one was KILLED (a
+        producer that was only cut off, and sends again, continues it)."""
         if self.client.exists(self.keys.alive(run_id)) or state.get("ended"):
             return 30.0
         if time.time() - float(state.get("last_event_ts") or 0) < SILENT_S:
             return 30.0
-        wait = self._terminate(run_id, mlflow_run, "KILLED")
+        if state.get("status") == "KILLED":
+            self.runs.finish(run_id, KINDS)
+            return None
+        wait = self._terminate(run_id, mlflow_run, "KILLED", done=False)
         if wait is None:
             self.runs.finish(run_id, KINDS)  # a later event starts it again
         return wait
