@@ -52,3 +52,9 @@ def test_training_benchmark_runs(redis_url, mlflow_uri):
     ):
         assert case in stdout
     assert "goal, trainbus within 1%" in stdout
+
+
+def test_callbacks_benchmark_runs(redis_url):
+    stdout = run_bench("callbacks.py", "--epochs", "5", "--ckpt-mb", "1", "--redis-url", redis_url)
+    for case in ("Redis up", "Redis unreachable", "on_model_save", "on_fit_epoch_end", "on_pretrain_routine_start"):
+        assert case in stdout

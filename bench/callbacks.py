@@ -1,0 +1,251 @@
+"""What each Ultralytics callback costs the training thread, one call at a time.
+
+    python bench/callbacks.py                       # stand-in trainer, 30 MB checkpoints, Redis up and down
+    python bench/callbacks.py --ckpt-mb 260         # a yolov8m-size checkpoint
+    python bench/callbacks.py --real --epochs 10    # inside a real tiny YOLO training (needs ultralytics)
+
+The callbacks are trainbus's (``producers.ultralytics``), each wrapped in a timer. With the
+stand-in trainer (the attributes and call order of Ultralytics' trainer, a checkpoint of
+``--ckpt-mb`` saved in place with ``torch.save`` before every ``on_model_save``), the calls
+of an epoch come ``--gap-ms`` apart (1 ms), so trainbus's background work from one call
+competes with the next, as it would in a fast training. Cases: Redis up, and Redis
+unreachable (nothing at the URL: events stay in the spool). With ``--real``, a tiny YOLO
+training on generated images (CPU) is run with the callbacks timed in place, Redis up.
+
+Printed per case and callback: calls, p50, p99 and max in microseconds. One-offs are shown
+apart: ``on_pretrain_routine_start`` (opens the publisher), ``on_train_end`` (the final, once)
+and the first ``on_fit_epoch_end`` (Ultralytics' model info, which the seed computes too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import redis
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.procs import DEFAULT_REDIS_URL, percentile, table
+from producers.ultralytics import UltralyticsHooks
+from shared.settings import Settings
+
+REDIS_DOWN_URL = "redis://127.0.0.1:1/0"
+ONE_OFF = ("on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_start", "on_train_end", "teardown")
+
+
+class StandInTrainer:
+    """An Ultralytics trainer as the callbacks see it: args, epochs, losses, metrics, checkpoints."""
+
+    def __init__(self, save_dir: Path, epochs: int, ckpt_mb: float) -> None:
+        self.args = SimpleNamespace(
+            model="yolov8n.yaml",
+            data="coco8.yaml",
+            epochs=epochs,
+            imgsz=64,
+            batch=2,
+            name="bench",
+            project="bench",
+            task="detect",
+            save_dir=save_dir,
+        )
+        self.save_dir, self.epochs = save_dir, epochs
+        (save_dir / "weights").mkdir(parents=True)
+        self.last, self.best = save_dir / "weights" / "last.pt", save_dir / "weights" / "best.pt"
+        self.weights = torch.randn(max(1, int(ckpt_mb * 1e6 / 4)))  # float32: 4 bytes each
+        self.fitness = self.best_fitness = None
+        self.metrics: dict[str, float] = {}
+        self.validator = SimpleNamespace(save_dir=save_dir, metrics=SimpleNamespace(results_dict={}))
+
+    def label_loss_items(self, loss_items: Any = None, prefix: str = "train") -> Any:
+        keys = [f"{prefix}/{x}" for x in ("box_loss", "cls_loss", "dfl_loss")]
+        if loss_items is None:
+            return keys
+        return {k: round(float(v), 5) for k, v in zip(keys, loss_items.values(), strict=True)}
+
+    def epoch_state(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.tloss = {"box": torch.tensor(1.0 / (epoch + 1)), "cls": torch.tensor(0.5), "dfl": torch.tensor(0.9)}
+        self.lr = {"lr/pg0": 0.01, "lr/pg1": 0.01, "lr/pg2": 0.01}
+        self.metrics = {"metrics/precision(B)": 0.1, "metrics/mAP50-95(B)": epoch / 1000, "val/box_loss": 1.0}
+        self.fitness = epoch / 1000
+        self.best_fitness = max(self.best_fitness or 0, self.fitness)
+        self.epoch_time = 0.5
+
+    def save(self) -> None:
+        torch.save({"epoch": self.epoch, "model": self.weights}, self.last)  # in place, as Ultralytics
+        if self.fitness == self.best_fitness:
+            self.best.write_bytes(self.last.read_bytes())
+
+
+def stand_in(redis_url: str, epochs: int, ckpt_mb: float, gap_s: float) -> dict[str, list[float]]:
+    """Microseconds per call of each callback over a stand-in training."""
+    samples: dict[str, list[float]] = defaultdict(list)
+    with tempfile.TemporaryDirectory(prefix="bench-callbacks-") as tmp:
+        settings = Settings.from_env(
+            redis_url=redis_url,
+            namespace=f"bench-{uuid.uuid4().hex[:8]}",
+            spool_dir=Path(tmp) / "spool",
+            run_id=f"bench-{uuid.uuid4().hex[:8]}",
+            console=False,
+        )
+        hooks = UltralyticsHooks(settings, fixed_run_id=True)
+        callbacks = hooks.callbacks()
+        t = StandInTrainer(Path(tmp) / "run", epochs, ckpt_mb)
+
+        def call(name: str, obj: Any) -> None:
+            t0 = time.perf_counter_ns()
+            callbacks[name](obj)
+            samples[name].append((time.perf_counter_ns() - t0) / 1000)
+            time.sleep(gap_s)
+
+        try:
+            call("on_pretrain_routine_start", t)
+            call("on_pretrain_routine_end", t)
+            call("on_train_start", t)
+            for epoch in range(epochs):
+                t.epoch_state(epoch)
+                call("on_train_epoch_end", t)
+                call("on_val_start", t.validator)
+                call("on_val_end", t.validator)
+                t.save()
+                call("on_model_save", t)
+                call("on_fit_epoch_end", t)
+            call("on_train_end", t)
+        finally:
+            bus = hooks.publisher
+            if bus is not None:
+                bus.close(timeout=10)
+                if bus.drainer is not None:  # Redis down: it would retry the closed port for a day
+                    bus.drainer.kill()
+                    bus.drainer.wait()
+    return dict(samples)
+
+
+REAL = textwrap.dedent("""
+    import json, sys, time
+    from collections import defaultdict
+    from ultralytics import YOLO
+    from producers.ultralytics import make_callbacks
+
+    samples = defaultdict(list)
+
+    def timed(name, fn):
+        def hook(obj):
+            t0 = time.perf_counter_ns()
+            fn(obj)
+            samples[name].append((time.perf_counter_ns() - t0) / 1000)
+        return hook
+
+    model = YOLO("yolov8n.yaml")
+    for event, fn in make_callbacks(redis_url=sys.argv[3], console=False).items():
+        model.add_callback(event, timed(event, fn))
+    model.train(data=sys.argv[1], epochs=int(sys.argv[4]), imgsz=64, batch=4, workers=0, device="cpu", amp=False,
+                project=sys.argv[2], name="bench", exist_ok=True, verbose=False, plots=False)
+    print("SAMPLES " + json.dumps(samples))
+""")
+
+
+def real(redis_url: str, epochs: int) -> dict[str, list[float]]:
+    """Microseconds per call of each callback inside a real tiny YOLO training (a subprocess)."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory(prefix="bench-callbacks-yolo-") as tmp:
+        root = Path(tmp)
+        for split in ("train", "val"):
+            (root / "images" / split).mkdir(parents=True)
+            (root / "labels" / split).mkdir(parents=True)
+            for i in range(16):
+                img = Image.new("RGB", (64, 64), (15 * i, 100, 150))
+                img.paste((255, 255, 255), (16, 16, 48, 48))
+                img.save(root / "images" / split / f"{i}.jpg")
+                (root / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+        (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: square\n")
+        import matplotlib
+
+        config = root / "yolo-config"
+        config.mkdir()
+        font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        (config / "Arial.ttf").write_bytes(font.read_bytes())  # keeps Ultralytics from downloading its font
+        env = {
+            **os.environ,
+            "YOLO_OFFLINE": "1",
+            "YOLO_CONFIG_DIR": str(config),
+            "TRAINBUS_SPOOL_DIR": str(root / "spool"),
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+            "YOLO_SETTINGS_CLEARML": "False",
+        }
+        out = subprocess.run(
+            [sys.executable, "-c", REAL, str(root / "data.yaml"), str(root / "runs"), redis_url, str(epochs)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            cwd=root,
+        )
+        line = next((x for x in out.stdout.splitlines() if x.startswith("SAMPLES ")), None)
+        if out.returncode or line is None:
+            raise SystemExit(f"the YOLO training failed:\n{out.stderr[-3000:]}")
+        import json
+
+        return json.loads(line.removeprefix("SAMPLES "))
+
+
+def rows(case: str, samples: dict[str, list[float]]) -> list[tuple]:
+    out = []
+    for name, values in samples.items():
+        steady = values[1:] if name == "on_fit_epoch_end" and len(values) > 1 else values  # epoch 0: model info
+        if name in ONE_OFF or not steady:
+            continue
+        out.append((case, name, len(steady), statistics.median(steady), percentile(steady, 99), max(steady)))
+    return out
+
+
+def one_offs(case: str, samples: dict[str, list[float]]) -> list[tuple]:
+    out = [(case, name, samples[name][0] / 1000) for name in ONE_OFF if samples.get(name)]
+    if samples.get("on_fit_epoch_end"):
+        out.append((case, "on_fit_epoch_end, epoch 0 (model info)", samples["on_fit_epoch_end"][0] / 1000))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=200, help="epochs (default 200; with --real 10 is plenty)")
+    parser.add_argument("--ckpt-mb", type=float, default=30.0, help="checkpoint size in MB (default 30, yolov8n's)")
+    parser.add_argument("--gap-ms", type=float, default=1.0, help="pause between calls (default 1 ms)")
+    parser.add_argument("--real", action="store_true", help="time them inside a real tiny YOLO training")
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    args = parser.parse_args()
+    redis.Redis.from_url(args.redis_url, socket_connect_timeout=2).ping()
+    if args.real:
+        cases = {"real YOLO, Redis up": real(args.redis_url, args.epochs)}
+        what = f"a real tiny YOLO training, {args.epochs} epochs, CPU"
+    else:
+        cases = {
+            "Redis up": stand_in(args.redis_url, args.epochs, args.ckpt_mb, args.gap_ms / 1000),
+            "Redis unreachable": stand_in(REDIS_DOWN_URL, args.epochs, args.ckpt_mb, args.gap_ms / 1000),
+        }
+        what = (
+            f"stand-in trainer, {args.epochs} epochs, {args.ckpt_mb:g} MB checkpoints, calls {args.gap_ms:g} ms apart"
+        )
+    print(f"trainbus's Ultralytics callbacks, each call timed: {what}")
+    steady = [r for case, samples in cases.items() for r in rows(case, samples)]
+    print(table(("case", "callback", "calls", "p50 µs", "p99 µs", "max µs"), steady))
+    print("\none-off calls")
+    print(table(("case", "callback", "ms"), [r for case, samples in cases.items() for r in one_offs(case, samples)]))
+
+
+if __name__ == "__main__":
+    main()
