@@ -65,6 +65,7 @@ def drain_run(run: RunSpool, client: redis.Redis, keys: Keys) -> int | None:
     if not run.pusher_lock.acquire():
         return None
     try:
+        run.drop_spare()  # its writer is gone (pending_runs): the next segment it made ahead is not needed
         pusher = Pusher(run, client, keys, Snapshotter(run.checkpoint_dir))
         return pusher.push_available()
     finally:

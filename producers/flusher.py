@@ -273,6 +273,7 @@ class Flusher:
             if self._stop:
                 break
             self._run_periodic()
+            self._prepare_spare()
             if not lock.acquire():
                 continue  # a drainer from an earlier process is still pushing this run
             try:
@@ -336,6 +337,15 @@ class Flusher:
                     task[1]()
                 except Exception:  # a sampler must never stop the pushing
                     log.debug("periodic task %r failed", task[1], exc_info=True)
+
+    def _prepare_spare(self) -> None:
+        """The writer's next segment, made here so that no hook pays for a fresh one."""
+        if self.pusher.writer is None:
+            return
+        try:
+            self.pusher.writer.prepare_spare()
+        except OSError as exc:  # a full disk: the hook's own rotation will say so too
+            self._spool_failed(exc)
 
     def _run_housekeeping(self) -> None:
         try:

@@ -261,3 +261,48 @@ def test_an_uncaught_exception_ends_the_run_as_failed(redis_url, namespace, spoo
     end = stream_events(client, keys)[-1]
     assert end["type"] == "run_end"
     assert end["payload"] == {"status": "failed", "error": "RuntimeError('boom in training')"}
+
+
+def test_the_next_segment_is_made_ahead_and_a_rotation_only_renames_it(own_redis, namespace, spool_dir):
+    """The first write into a fresh segment costs a millisecond or more (ext4): the flusher thread
+    makes the next one ahead, so the hook's rotation is a rename. None is left behind."""
+    from producers.spool import SPARE_NAME
+
+    run_dir = spool_dir / "ahead"
+    run_dir.mkdir(parents=True)
+    (run_dir / SPARE_NAME).write_bytes(b"left by a writer killed before it used it")
+    stale = (run_dir / SPARE_NAME).stat().st_ino
+    bus = publisher(own_redis.url, namespace, spool_dir, run_id="ahead", exit_flush_s=0.2)  # Redis not started
+    spare = wait_for(lambda: (p := run_dir / SPARE_NAME).exists() and p.stat().st_size == 4 << 20 and p.stat())
+    assert spare.st_ino != stale or spare.st_size != len(b"left by a writer killed before it used it")
+    payload = {"blob": "x" * 2000}
+    seq = 0
+    while len(list(run_dir.glob("*.log"))) < 2:
+        bus.publish("media", payload)
+        seq += 1
+    second = sorted(run_dir.glob("*.log"))[1]
+    assert second.stat().st_ino == spare.st_ino, "the rotation took the segment made ahead"
+    wait_for(lambda: (run_dir / SPARE_NAME).exists() and (run_dir / SPARE_NAME).stat().st_ino != spare.st_ino)
+    assert bus.close() is False
+    assert not (run_dir / SPARE_NAME).exists(), "close removes the unused one"
+    if bus.drainer is not None:
+        bus.drainer.kill()
+        bus.drainer.wait()
+    own_redis.start()
+    client = redis.Redis.from_url(own_redis.url)
+    keys = Keys(namespace)
+    total = seq + 2  # the session, every media event, the run's end
+    subprocess.run(
+        [sys.executable, "-m", "workers.ops.cli", "spool", "replay", "ahead"],
+        check=True,
+        timeout=60,
+        env={
+            **os.environ,
+            "TRAINBUS_REDIS_URL": own_redis.url,
+            "TRAINBUS_NAMESPACE": namespace,
+            "TRAINBUS_SPOOL_DIR": str(spool_dir),
+        },
+        capture_output=True,
+    )
+    events = wait_for(lambda: (e := stream_events(client, keys)) and len(e) >= total and e, timeout=60)
+    assert [e["seq"] for e in events] == list(range(total)), "every event once, in order, across segments"
