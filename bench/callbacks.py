@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.procs import DEFAULT_REDIS_URL, percentile, table
 from producers.ultralytics import UltralyticsHooks
 from shared.settings import Settings
+from tests.helpers import yolo_config_dir, yolo_dataset
 
 REDIS_DOWN_URL = "redis://127.0.0.1:1/0"
 ONE_OFF = ("on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_start", "on_train_end", "teardown")
@@ -160,25 +161,10 @@ REAL = textwrap.dedent("""
 
 def real(redis_url: str, epochs: int) -> dict[str, list[float]]:
     """Microseconds per call of each callback inside a real tiny YOLO training (a subprocess)."""
-    from PIL import Image
-
     with tempfile.TemporaryDirectory(prefix="bench-callbacks-yolo-") as tmp:
         root = Path(tmp)
-        for split in ("train", "val"):
-            (root / "images" / split).mkdir(parents=True)
-            (root / "labels" / split).mkdir(parents=True)
-            for i in range(16):
-                img = Image.new("RGB", (64, 64), (15 * i, 100, 150))
-                img.paste((255, 255, 255), (16, 16, 48, 48))
-                img.save(root / "images" / split / f"{i}.jpg")
-                (root / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.5 0.5\n")
-        (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: square\n")
-        import matplotlib
-
-        config = root / "yolo-config"
-        config.mkdir()
-        font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-        (config / "Arial.ttf").write_bytes(font.read_bytes())  # keeps Ultralytics from downloading its font
+        data = yolo_dataset(root, images=16)
+        config = yolo_config_dir(root)
         env = {
             **os.environ,
             "YOLO_OFFLINE": "1",
@@ -188,7 +174,7 @@ def real(redis_url: str, epochs: int) -> dict[str, list[float]]:
             "YOLO_SETTINGS_CLEARML": "False",
         }
         out = subprocess.run(
-            [sys.executable, "-c", REAL, str(root / "data.yaml"), str(root / "runs"), redis_url, str(epochs)],
+            [sys.executable, "-c", REAL, str(data), str(root / "runs"), redis_url, str(epochs)],
             env=env,
             capture_output=True,
             text=True,

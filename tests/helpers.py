@@ -28,3 +28,32 @@ def children(pid: int) -> list[int]:
             if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:  # the field after the state
                 found.append(int(stat.parent.name))
     return found
+
+
+def yolo_dataset(root: Path, images: int = 8) -> Path:
+    """A tiny detection dataset (64x64 images, one box each, train = val) and its data.yaml."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(images):
+            img = Image.new("RGB", (64, 64), (20 * i % 256, 100, 150))
+            img.paste((255, 255, 255), (16, 16, 48, 48))
+            img.save(root / "images" / split / f"{i}.jpg")
+            (root / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    data = root / "data.yaml"
+    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: square\n")
+    return data
+
+
+def yolo_config_dir(root: Path) -> Path:
+    """An Ultralytics config dir (YOLO_CONFIG_DIR) holding its font, so that nothing is downloaded."""
+    import shutil
+
+    import matplotlib
+
+    config = root / "yolo-config"
+    config.mkdir(exist_ok=True)
+    shutil.copy(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf", config / "Arial.ttf")
+    return config

@@ -24,7 +24,7 @@ from workers.devstack.local_mlflow import PASSWORD, MlflowServer
 EPOCHS = 4
 
 
-def mlflow_pipeline(redis_url, namespace, spool_dir, tmp_path, mlflow_server, proxy, **env) -> Pipeline:
+def mlflow_pipeline(redis_url, namespace, spool_dir, tmp_path, mlflow_env: dict[str, str]) -> Pipeline:
     return Pipeline(
         redis_url,
         namespace,
@@ -33,13 +33,13 @@ def mlflow_pipeline(redis_url, namespace, spool_dir, tmp_path, mlflow_server, pr
         TRAINBUS_SINKS="mlflow",
         TRAINBUS_FILE_ROOTS=f"{spool_dir}:{tmp_path / 'runs'}",
         TRAINBUS_MLFLOW_TIMEOUT_S=2,
-        **{**mlflow_server.env(proxy.url), **env},
+        **mlflow_env,
     )
 
 
 @pytest.fixture
 def pipeline(redis_url, namespace, spool_dir, tmp_path, mlflow_server, mlflow_proxy):
-    p = mlflow_pipeline(redis_url, namespace, spool_dir, tmp_path, mlflow_server, mlflow_proxy)
+    p = mlflow_pipeline(redis_url, namespace, spool_dir, tmp_path, mlflow_server.env(mlflow_proxy.url))
     yield p
     p.stop()
 
@@ -235,15 +235,7 @@ def test_bad_credentials_stop_the_run_with_what_to_fix_and_the_password_stays_ou
     (tmp_path / "auth").mkdir()
     server = MlflowServer(tmp_path / "auth", auth=True).start()  # basic auth, as a deployed server
     wrong = "not-the-Password-42"
-    p = Pipeline(
-        redis_url,
-        namespace,
-        None,
-        spool_dir,
-        TRAINBUS_SINKS="mlflow",
-        TRAINBUS_FILE_ROOTS=f"{spool_dir}:{tmp_path / 'runs'}",
-        **server.env(password=wrong),
-    )
+    p = mlflow_pipeline(redis_url, namespace, spool_dir, tmp_path, server.env(password=wrong))
     try:
         p.dispatcher()
         p.worker("mlflow")

@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import stream_events
-from tests.helpers import wait_for
+from tests.helpers import wait_for, yolo_config_dir, yolo_dataset
 from tests.pipeline import PLATFORM_KEY, Pipeline
 
 pytestmark = pytest.mark.ultralytics
@@ -47,34 +46,12 @@ TRAIN = textwrap.dedent("""
 """)
 
 
-def make_dataset(root: Path) -> Path:
-    """Eight 64x64 images with one box each, train = val: enough for a few epochs."""
-    from PIL import Image
-
-    for split in ("train", "val"):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
-        for i in range(8):
-            img = Image.new("RGB", (64, 64), (20 * i, 100, 150))
-            img.paste((255, 255, 255), (16, 16, 48, 48))
-            img.save(root / "images" / split / f"{i}.jpg")
-            (root / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.5 0.5\n")
-    data = root / "data.yaml"
-    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: square\n")
-    return data
-
-
 def train(tmp_path: Path, env: dict[str, str], run_id: str, epochs: int, project: str | None = None) -> Path:
     """One real training in a subprocess; returns its project directory (``project`` e.g. owner/slug
     for the Platform: the save dir is then under it, relative to tmp_path)."""
     pytest.importorskip("ultralytics")
-    import matplotlib
-
-    config = tmp_path / "yolo-config"
-    config.mkdir(exist_ok=True)
-    font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-    shutil.copy(font, config / "Arial.ttf")  # keeps Ultralytics from downloading its font
-    data = make_dataset(tmp_path / "data")
+    config = yolo_config_dir(tmp_path)
+    data = yolo_dataset(tmp_path / "data")
     project = Path(project) if project else tmp_path / "runs"
     env = {k: v for k, v in {**os.environ, **env}.items() if k != "PYTEST_CURRENT_TEST"}  # else Ultralytics skips its
     env.update(YOLO_OFFLINE="1", YOLO_CONFIG_DIR=str(config), PYTHONPATH=str(ROOT), HOME=str(tmp_path))  # integrations
