@@ -310,3 +310,15 @@ def test_a_failed_run_ends_failed_a_silent_one_killed_and_nan_is_kept(
     (silent,) = runs_of(mlflow_server, namespace, "ml-silent")
     history = mlflow_server.client().get_metric_history(silent.info.run_id, "val/loss")
     assert silent.info.status == "FINISHED" and sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.25)]
+
+    # resumed after it ended (a later session of the same run id): the same MLflow run runs again
+    record("ml-silent", 4, "session", {"args": {"epochs": 3}, "name": "silent"})
+    record("ml-silent", 5, "fit_epoch", {"epoch": 2, "metrics": {"val/loss": 0.125}})
+    sink.drain("ml-silent")
+    assert runs_of(mlflow_server, namespace, "ml-silent")[0].info.status == "RUNNING"
+    record("ml-silent", 6, "run_end", {"status": "completed"})
+    drain_until_done(sink, "ml-silent")
+    (resumed,) = runs_of(mlflow_server, namespace, "ml-silent")
+    history = mlflow_server.client().get_metric_history(resumed.info.run_id, "val/loss")
+    assert resumed.info.run_id == silent.info.run_id and resumed.info.status == "FINISHED"
+    assert sorted(m.step for m in history) == [0, 1, 2], "each step once across the resume"

@@ -132,7 +132,9 @@ class MlflowSink:
             if session is None or int(seq) <= int(state.get("registered_seq", -1)):
                 self.runs.finish(run_id, KINDS)
                 return None
-            self.client.hdel(self.keys.state(SINK, run_id), "final_done", "ended", "error")  # resumed after its end
+            # resumed after its end: it ends again, with its new final's artifacts (logged over the old ones)
+            again = ["final_done", "ended", "error", "status", *(f for f in state if f.startswith("artifact:"))]
+            self.client.hdel(self.keys.state(SINK, run_id), *again)
             state = self._state(run_id)
         if session is None:
             return 1.0  # the session event is not recorded yet
