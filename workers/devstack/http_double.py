@@ -9,6 +9,7 @@ and the demo. Its handler routes a request to an endpoint name, records it on ar
     {"endpoint": "any", "delay": 2.5} / {"hang": 30}         answer late / hang, then answer
     {"endpoint": "any", "reset": true}                       reset the connection
     {"endpoint": "metrics", "truncate": true}                headers, then half a body, then close
+    {"endpoint": "metrics", "lost_reply": true}              serve it (its effect happens), then reset
 
 Control: ``GET /_control/requests`` (every request by arrival), ``POST /_control/faults``,
 ``POST /_control/reset`` (forget requests and faults); servers add their own actions.
@@ -41,7 +42,7 @@ class Fault:
     hang: float = 0.0
     reset: bool = False
     truncate: bool = False
-    lost_reply: bool = False  # a proxy's fault: the request is served, then the connection cut
+    lost_reply: bool = False  # the request is served, then the connection cut: the answer is lost
 
 
 @dataclass
@@ -167,16 +168,15 @@ class DoubleHandler(BaseHTTPRequestHandler):
             status, payload, headers = self.serve(endpoint, params, record, body)
         else:
             status, payload, headers = self.unauthorized()
+        if fault is not None and fault.lost_reply:
+            return self.cut(record, "lost reply")
         record["status"] = status
         return self.reply(status, payload, headers)
 
     def _inject(self, fault: Fault, record: dict[str, Any]) -> bool:
         """Apply a fault; True when it answered (or dropped) the request itself."""
         if fault.reset:
-            record["status"] = "reset"
-            self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.close_connection = True
-            self.request.close()
+            self.cut(record, "reset")
             return True
         time.sleep(fault.delay or fault.hang)
         if fault.truncate:
@@ -204,6 +204,13 @@ class DoubleHandler(BaseHTTPRequestHandler):
             self.reply(fault.status, {"message": "injected fault", "error": "injected fault"}, headers)
             return True
         return False
+
+    def cut(self, record: dict[str, Any], why: str) -> None:
+        """Reset the connection instead of answering (``why`` is the recorded status)."""
+        record["status"] = why
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+        self.request.close()
 
     def _control(self, method: str, body: bytes) -> None:
         recorder = self.server.recorder

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -150,7 +149,7 @@ class ProxyHandler(DoubleHandler):
         self.server.recorder.record(record)
         fault = self.server.recorder.take_fault(endpoint)
         if fault is not None and fault.reset:
-            return self._cut(record, "reset")
+            return self.cut(record, "reset")
         if fault is not None and fault.status:
             record["status"] = fault.status
             return self.reply(fault.status, {"error_code": "TEMPORARILY_UNAVAILABLE", "message": "injected fault"})
@@ -158,9 +157,9 @@ class ProxyHandler(DoubleHandler):
         try:
             answer = requests.request(method, self.server.upstream + self.path, data=body, headers=headers, timeout=60)
         except requests.RequestException:  # the real server is down: the client sees it refuse
-            return self._cut(record, "upstream down")
+            return self.cut(record, "upstream down")
         if fault is not None and fault.lost_reply:
-            return self._cut(record, "lost reply")
+            return self.cut(record, "lost reply")
         if fault is not None and (fault.delay or fault.hang):
             time.sleep(fault.delay or fault.hang)
         record["status"] = answer.status_code
@@ -171,12 +170,6 @@ class ProxyHandler(DoubleHandler):
         with contextlib.suppress(OSError):  # the client may have given up waiting
             self.wfile.write(answer.content)
         return None
-
-    def _cut(self, record: dict[str, Any], why: str) -> None:
-        record["status"] = why
-        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.close_connection = True
-        self.request.close()
 
 
 class ProxyServer(DoubleServer):

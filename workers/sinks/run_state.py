@@ -185,6 +185,11 @@ class RunState:
         if count:
             self.counters.upload(self.sink, kind, "ok")
 
+    def checkpoint_refused(self, run_id: str, what: str, payload: dict[str, Any], exc: Exception) -> None:
+        """The snapshot an event names cannot be used (see ``files.open_snapshot``): said, the run goes on."""
+        epoch = payload.get("epoch")
+        self.dead_letter(f"{what} of epoch {epoch} not uploaded: {exc}", run_id=run_id, epoch=epoch)
+
     def dead_letter(self, reason: str, **context: Any) -> None:
         """Record what could not be processed and why; the pipeline goes on."""
         fields = {"reason": reason, "sink": self.sink, "ts": repr(time.time())}

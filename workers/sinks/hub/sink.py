@@ -259,11 +259,7 @@ class HubSink:
             with open_snapshot(ck, self.settings.file_roots) as file, self._attempt(run_id, kind) as attempt:
                 self.hub.upload_checkpoint(model_id, file, ck["sha256"], **fields)
         except FileRefused as exc:
-            self.runs.dead_letter(
-                f"checkpoint of epoch {payload.get('epoch')} not uploaded: {exc}",
-                run_id=run_id,
-                epoch=payload.get("epoch"),
-            )
+            self.runs.checkpoint_refused(run_id, "checkpoint", payload, exc)
             return False
         return True if attempt.ok else None
 

@@ -45,14 +45,6 @@ class MlflowError(ServiceError):
         self.code = code
 
 
-def mlflow_installed() -> bool:
-    try:
-        import mlflow  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class MlflowApi:
     """The calls the MLflow sink makes, each bounded and mapped to :class:`MlflowError`."""
 

@@ -226,7 +226,7 @@ class MlflowSink:
         pending = self.client.hgetall(pending_key)
         if not pending:
             return None
-        done = self.client.smismember(done_key, list(pending)) if pending else []
+        done = self.client.smismember(done_key, list(pending))
         delivered = {f: v for (f, v), d in zip(pending.items(), done, strict=True) if d}
         if delivered:  # redelivered events of points already logged
             self.runs.remove_if_same(pending_key, {f.decode(): v for f, v in delivered.items()})
@@ -452,12 +452,9 @@ def epoch_points(event: Event) -> dict[str, bytes]:
     ts = int(event.ts * 1000)
     points: dict[str, bytes] = {}
     for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if value is None and str(key) in nulls:
-                value = math.nan  # NaN or infinity in training: MLflow stores NaN
-            else:
-                continue
-        points[f"{p['epoch']}|{metric_key(str(key))}"] = orjson.dumps([value if math.isfinite(value) else None, ts])
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number or (value is None and str(key) in nulls):  # null: NaN or infinity in training, NaN in MLflow
+            points[f"{p['epoch']}|{metric_key(str(key))}"] = orjson.dumps([value, ts])
     return points
 
 

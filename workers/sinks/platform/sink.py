@@ -346,11 +346,7 @@ class PlatformSink:
             with open_snapshot(ck, self.settings.file_roots) as file:
                 return self._put_flow(run_id, kind, file, ck["sha256"], model_id, platform_run)
         except FileRefused as exc:
-            self.runs.dead_letter(
-                f"{kind} checkpoint of epoch {payload.get('epoch')} not uploaded: {exc}",
-                run_id=run_id,
-                epoch=payload.get("epoch"),
-            )
+            self.runs.checkpoint_refused(run_id, f"{kind} checkpoint", payload, exc)
             return None
 
     def _put_flow(
