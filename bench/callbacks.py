@@ -129,9 +129,9 @@ def stand_in(redis_url: str, epochs: int, ckpt_mb: float, gap_s: float) -> dict[
             bus = hooks.publisher
             if bus is not None:
                 bus.close(timeout=10)
-                if bus.drainer is not None:  # Redis down: it would retry the closed port for a day
-                    bus.drainer.kill()
-                    bus.drainer.wait()
+                if bus.delivery is not None:  # Redis down: it would retry the closed port for a day
+                    bus.delivery.kill()
+                    bus.delivery.wait()
     return dict(samples)
 
 

@@ -161,8 +161,8 @@ def run(calls: int, redis_url: str, interval_s: float, mlflow_uri: str | None) -
         bus = Publisher(redis_url="redis://127.0.0.1:1/0", namespace=namespace, spool_dir=spool, spool_max_mb=4096)
         results.append(("trainbus, Redis unreachable", measure(lambda i: bus.metrics(i, METRICS), calls, interval_s)))
         bus.close(timeout=0)
-        if bus.drainer is not None:
-            bus.drainer.kill()  # it would keep trying the unreachable Redis for a day
+        if bus.delivery is not None:
+            bus.delivery.kill()  # it would keep trying the unreachable Redis for a day
 
     stream = f"{namespace}:xadd"
     results.append(

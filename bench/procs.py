@@ -200,9 +200,9 @@ class Stack:
         """Stop producers and processes, delete every key this namespace made and the work directory."""
         for bus in self.publishers:
             bus.close(timeout=1)
-            if bus.drainer is not None:  # it would push the rest into keys about to be deleted
-                bus.drainer.kill()
-                bus.drainer.wait()
+            if bus.delivery is not None:  # it would push the rest into keys about to be deleted
+                bus.delivery.kill()
+                bus.delivery.wait()
         for proc in self.procs:
             stop_process(proc)
         self.hub.stop()

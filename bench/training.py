@@ -154,9 +154,9 @@ class Trainbus:
 
     def cleanup(self) -> None:
         self.bus.close(timeout=0)  # when interrupted before finish()
-        if self.bus.drainer is not None:  # Redis down: it would retry the closed port for a day
-            self.bus.drainer.kill()
-            self.bus.drainer.wait()
+        if self.bus.delivery is not None:  # Redis down: it would retry the closed port for a day
+            self.bus.delivery.kill()
+            self.bus.delivery.wait()
 
 
 class InProcessHub:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import redis
 
-from producers.flusher import Pusher
+from producers.pusher import Pusher
 from producers.retention import Held, collect
 from producers.snapshot import Snapshotter
 from producers.spool import FileLock, RunSpool, run_dirs
@@ -44,6 +44,9 @@ JANITOR_LOCK = "janitor.lock"  # held by the one drainer of a spool directory th
 LOCK_POLL_S = 0.2
 COLLECT_POLL_S = 5.0  # how soon to look again at snapshots waiting for sinks, doubling to
 COLLECT_MAX_POLL_S = 300.0  # ... this
+# How a producer starts these processes: ``-m`` would import the module twice (the package's
+# __init__ imports it first) and say so in the log.
+ENTRY = "import sys; from {module} import main; sys.exit(main(sys.argv[1:]))"
 
 
 @dataclass
@@ -159,7 +162,7 @@ def spawn_drainer(root: Path, settings: Settings, run_ids: list[str]) -> subproc
     root.mkdir(parents=True, exist_ok=True)
     with open(root / DRAIN_LOG, "ab") as logfile:
         return subprocess.Popen(
-            [sys.executable, "-m", "producers.drain", "--spool-dir", str(root), *run_ids],
+            [sys.executable, "-c", ENTRY.format(module="producers.drain"), "--spool-dir", str(root), *run_ids],
             stdin=subprocess.DEVNULL,
             stdout=logfile,
             stderr=logfile,

@@ -1,8 +1,10 @@
 """The training-side API: turn training moments into events, in microseconds.
 
-Every method builds an event, encodes it, appends it to the run's spool with one
-``write()``, wakes the flusher thread and returns. None of them touches the network or
-raises into training: a failure is logged and the method returns ``None``.
+Every method builds an event, encodes it, copies it into the run's memory-mapped spool,
+wakes the run's delivery process with one byte on a pipe and returns. The training process
+runs no thread of trainbus's: the delivery process (``producers/delivery.py``) does the
+rest, snapshots and Redis included. None of the methods touches the network or raises
+into training: a failure is logged and the method returns ``None``.
 
     from producers import Publisher
 
@@ -29,30 +31,34 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from typing import Any
 
-from producers.drain import pending_runs, spawn_drainer
-from producers.flusher import Flusher, Pusher
-from producers.snapshot import Snapshotter, checkpoint_request
-from producers.spool import RunSpool, SpoolWriter, run_dirs
+import orjson
+
+from producers.control import Control
+from producers.delivery import FLUSH_NOW, WAKE, spawn_delivery
+from producers.drain import DRAIN_LOG
+from producers.snapshot import checkpoint_request
+from producers.spool import RunSpool, SpoolWriter
 from shared.encoding import encode
 from shared.errors import TrainbusError
 from shared.events import KEPT_WHEN_FULL, MAX_EVENT_BYTES, EventType, encode_event
 from shared.hub_model import parse_hub_model
-from shared.keys import Keys
-from shared.redis_client import PRODUCER, connect
 from shared.settings import SECRET_ENV_VARS, Settings
 
 log = logging.getLogger("trainbus.publisher")
 
 LOCK_ATTEMPTS = 5  # x 2 ms: a drainer's probe of the writer lock takes microseconds
-SHUTDOWN_GRACE_S = 0.5  # close() waits this much past its flush budget for the threads to stop
 DOWN_EXIT_FLUSH_S = 0.5  # the exit flush when the last push had failed
+CLOSE_POLL_S = 0.002  # how often close() looks at the pushed seq
+RESPAWN_EVERY_S = 5.0  # at most one new delivery process this often (one that keeps dying must not cost hooks)
 MIN_SECRET_LEN = 8
 VERSIONED = ("trainbus", "torch", "ultralytics", "numpy", "redis", "orjson")
+_OPEN: weakref.WeakSet[Publisher] = weakref.WeakSet()  # for fork(): a child must not write the parent's spool
 
 
 class SpoolBusy(TrainbusError):
@@ -72,24 +78,32 @@ class Publisher:
         settings: Settings | None = None,
         *,
         on_stop: Callable[[str], None] | None = None,
+        system_metrics: bool = False,
         **overrides: Any,
     ) -> None:
-        """``on_stop(reason)``: called once, from trainbus's background thread, when the run is told
-        to stop (cancelled in the Ultralytics Platform, or ``trainbus stop RUN``)."""
+        """``on_stop(reason)``: called once, in the next call of this publisher after the run was told
+        to stop (cancelled in the Ultralytics Platform, or ``trainbus stop RUN``).
+        ``system_metrics``: the delivery process samples the machine's load (:meth:`system_sample`)."""
         self.settings = settings or Settings.from_env(**overrides)
         self.stop_reason: str | None = None
         self._on_stop = on_stop
         self.run_id = self.settings.run_id
-        self.keys = Keys(self.settings.namespace)
         self._lock = threading.Lock()
         self._closed = False
+        self._closed_why = "closed"
         self._ended = False
         self._session_sent = False
         self._versions = _versions()
         self._dropped: Counter[str] = Counter()
         self._failures = 0
         self._secrets = _secrets_of(self.settings)
-        self.drainer: subprocess.Popen | None = None  # started at close when Redis had not taken everything
+        self._system = system_metrics
+        self._pid = os.getpid()
+        self.delivery: subprocess.Popen | None = None  # the delivery process (it outlives this one)
+        self._wake_fd = -1
+        self._spawn_lock = threading.Lock()
+        self._respawning = False
+        self._next_respawn = 0.0
 
         root = self.settings.spool_dir.expanduser()
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -97,31 +111,36 @@ class Publisher:
         self._run.create()
         self._take_writer_lock()
         try:
-            self._writer = SpoolWriter(self._run, int(self.settings.spool_max_mb * (1 << 20)))
-            self._snapshots = Snapshotter(self._run.checkpoint_dir)
-            self._client = connect(self.settings.redis_url, PRODUCER)
-            pusher = Pusher(self._run, self._client, self.keys, self._snapshots, self._writer)
-            self._flusher = Flusher(pusher, housekeeping=self._hand_off_others, on_stop_order=self._stop_ordered)
-            self._snapshots.on_done = self._flusher.wake
-            self._snapshots.start()
-            self._flusher.start()
+            self._control = Control.create(self._run.dir)
+            self._writer = SpoolWriter(self._run, int(self.settings.spool_max_mb * (1 << 20)), self._pushed)
         except BaseException:  # nothing half-open stays behind: the next try starts clean
-            if hasattr(self, "_writer"):
-                self._writer.close()
             self._run.writer_lock.release()
             raise
+        self._first_seq = self._writer.next_seq
+        self._start_delivery()
         atexit.register(self.close)
+        _OPEN.add(self)
 
     @property
     def stop_requested(self) -> bool:
         """True once the run was told to stop: the training loop should end at its next epoch boundary."""
+        self._check_stop()
         return self.stop_reason is not None
 
-    def every(self, seconds: float, fn: Callable[[], None]) -> None:
-        """Run ``fn`` every ``seconds`` in trainbus's background thread, not in a hook."""
-        self._flusher.every(seconds, fn)
+    @property
+    def delivering(self) -> bool:
+        """True once the delivery process follows the spool (it starts in about 0.2 s): from then on a
+        checkpoint is copied within milliseconds of its event."""
+        return self._control.following
 
-    def _stop_ordered(self, reason: str) -> None:
+    def system_sample(self) -> orjson.Fragment | None:
+        """The machine's latest load sample (with ``system_metrics=True``), ready to put in a payload."""
+        sample = self._control.sample()
+        return orjson.Fragment(sample) if sample else None
+
+    def _check_stop(self) -> None:
+        if self.stop_reason is not None or (reason := self._control.stop_reason) is None:
+            return
         self.stop_reason = reason
         log.warning("run %s was told to stop (%s); stop the training at the next epoch", self.run_id, reason)
         if self._on_stop is not None:
@@ -150,18 +169,30 @@ class Publisher:
     def _publish(self, type: str, payload: dict[str, Any]) -> int | None:
         with self._lock:
             if self._closed:
-                log.warning("publisher of run %s is closed; %s event dropped", self.run_id, type)
+                self._failures += 1
+                if self._failures <= 3:
+                    log.warning("publisher of run %s is %s; %s event dropped", self.run_id, self._closed_why, type)
                 return None
             if not self._session_sent and type != EventType.SESSION.value:
                 self._append(EventType.SESSION.value, self._session_payload())  # every run starts with one
             self._session_sent = True
-            if self._dropped and self._writer.bytes < self._writer.max_bytes * 0.9:
+            if self._dropped and self._writer.has_room(int(self._writer.max_bytes * 0.1)):
                 self._append(EventType.SPOOL_OVERFLOW.value, {"dropped": dict(self._dropped)})
                 self._dropped.clear()
             seq = self._append(type, payload)
         if seq is not None:
-            self._flusher.wake()
+            self._wake()
+        self._check_stop()
         return seq
+
+    def _wake(self, byte: bytes = WAKE) -> None:
+        """One byte on the delivery process's pipe: the cheapest hand-off there is."""
+        try:
+            os.write(self._wake_fd, byte)
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups it has not read yet
+        except OSError:  # EPIPE: it is gone (EBADF: it never started)
+            self._delivery_lost()
 
     def _append(self, type: str, payload: dict[str, Any]) -> int | None:
         seq = self._writer.next_seq
@@ -206,8 +237,6 @@ class Publisher:
                 )
             self._dropped[type] += 1
             return None
-        if "checkpoint" in payload:
-            self._snapshots.submit(seq, payload["checkpoint"])
         return seq
 
     # -- what training code calls ----------------------------------------------------
@@ -341,16 +370,14 @@ class Publisher:
         if self._ended:
             return None
         self._ended = True
-        seq = self.publish(EventType.RUN_END, {"status": status, "error": error})
-        self._flusher.run_ended = True
-        return seq
+        return self.publish(EventType.RUN_END, {"status": status, "error": error})
 
     def close(self, timeout: float | None = None) -> bool:
-        """Flush for at most ``timeout`` (default TRAINBUS_EXIT_FLUSH_S) seconds, then stop.
+        """Wait at most ``timeout`` (default TRAINBUS_EXIT_FLUSH_S) seconds for the events to reach Redis.
 
-        What is not in Redis by then is handed to a detached drainer process, so the
-        script ends on time and nothing is lost; when Redis is already known to be down,
-        after at most DOWN_EXIT_FLUSH_S. Returns True when everything was pushed.
+        The delivery process keeps pushing what is not there by then, after this process has
+        exited, so the script ends on time and nothing is lost; when Redis is already known to
+        be down, the wait is at most DOWN_EXIT_FLUSH_S. Returns True when everything was pushed.
         """
         if self._closed:
             return True
@@ -361,44 +388,45 @@ class Publisher:
             self._closed = True
             last = self._writer.next_seq - 1
         budget = self.settings.exit_flush_s if timeout is None else timeout
-        if not self._flusher.redis_up:  # waiting would mostly delay the script: the drainer retries
+        if self._control.redis_down:  # waiting would mostly delay the script: the delivery process retries
             budget = min(budget, DOWN_EXIT_FLUSH_S)
         flushed = False
+        self._wake(FLUSH_NOW)
         try:
-            flushed = last < 0 or self._flusher.wait_pushed(last, budget)
-        finally:  # on Ctrl-C during the wait too: stop the threads, hand the rest over
-            self._shut_down(last, flushed, budget)
+            flushed = self._wait_pushed(last, budget)
+        finally:  # on Ctrl-C during the wait too: let go of the spool, the delivery process finishes it
+            self._shut_down()
+        if not flushed:
+            pushed = self._control.pushed
+            log.warning(
+                "run %s: %d events not in Redis after %.1f s; the delivery process keeps pushing them (log: %s)",
+                self.run_id,
+                last - pushed,
+                budget,
+                self._run.dir.parent / DRAIN_LOG,
+            )
         return flushed
 
-    def _shut_down(self, last: int, flushed: bool, budget: float) -> None:
-        """Stop the threads within SHUTDOWN_GRACE_S; what is not in Redis goes to a drainer.
+    def _wait_pushed(self, seq: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self._control.pushed < seq:
+            if self.delivery is None or self.delivery.poll() is not None:
+                self._restart_delivery()  # it died (or never started): the exit must not lose the rest
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(CLOSE_POLL_S)
+        return True
 
-        A flusher still inside a Redis call keeps the pusher lock until it returns or this
-        process exits; the drainer waits for that lock, so the hand-over cannot be refused.
-        """
-        stopped = self._flusher.stop(timeout=SHUTDOWN_GRACE_S)
-        self._snapshots.stop(timeout=SHUTDOWN_GRACE_S)  # an unfinished snapshot is made by the drainer
+    def _shut_down(self) -> None:
+        """Let go of the spool: the delivery process sees the pipe close and the lock free."""
         self._writer.close()
         self._run.writer_lock.release()
+        with self._spawn_lock:
+            with contextlib.suppress(OSError):
+                os.close(self._wake_fd)
+            self._wake_fd = -1
         atexit.unregister(self.close)
-        if flushed and stopped and self._run.pusher_lock.acquire():
-            try:  # retire the last segment now the writer is gone (never beside a drainer)
-                self._flusher.pusher.push_available()
-                flushed = not self._run.segments()
-            except Exception:  # Redis went away just now: the drainer pushes the rest
-                flushed = False
-            finally:
-                self._run.pusher_lock.release()
-        if not flushed or self._run.segments() or _holds_snapshots(self._run):
-            if not flushed:
-                log.warning(
-                    "run %s: %d events not in Redis after %.1f s; a drainer process keeps pushing them (log: %s)",
-                    self.run_id,
-                    last - (self._flusher.pusher.pushed or -1),
-                    budget,
-                    self.settings.spool_dir / "drain.log",
-                )
-            self._spawn_drainer([self.run_id])
+        _OPEN.discard(self)
 
     def __enter__(self) -> Publisher:
         return self
@@ -408,7 +436,75 @@ class Publisher:
             self.end("stopped" if isinstance(exc, KeyboardInterrupt) else "failed", repr(exc))
         self.close()
 
+    # -- the delivery process ----------------------------------------------------------
+
+    def _start_delivery(self) -> None:
+        """Spawn the delivery process with a fresh pipe; its write end takes the old one's number, so
+        a hook racing this never writes into an unrelated file."""
+        read_fd, write_fd = os.pipe()
+        try:
+            os.set_blocking(write_fd, False)
+            from_seq = max(self._first_seq, self._control.pushed + 1)  # what is pushed needs no snapshot
+            self.delivery = spawn_delivery(self._run, self.settings, read_fd, from_seq, system=self._system)
+        except OSError as exc:
+            os.close(write_fd)
+            log.error(
+                "run %s: cannot start the delivery process (%s); events stay in the spool at %s "
+                "(`trainbus spool replay` pushes them)",
+                self.run_id,
+                exc,
+                self._run.dir,
+            )
+            return
+        finally:
+            os.close(read_fd)
+        if self._wake_fd < 0:
+            self._wake_fd = write_fd
+        else:
+            os.dup2(write_fd, self._wake_fd, inheritable=False)
+            os.close(write_fd)
+
+    def _delivery_lost(self) -> None:
+        """Seen from a hook: start another off the hook's thread (spawning takes a millisecond)."""
+        now = time.monotonic()
+        if self._respawning or self._closed or now < self._next_respawn:
+            return
+        self._respawning = True
+        threading.Thread(target=self._restart_delivery, name="trainbus-respawn", daemon=True).start()
+
+    def _restart_delivery(self) -> None:
+        with self._spawn_lock:
+            try:
+                if (self._wake_fd < 0 and self._closed) or time.monotonic() < self._next_respawn:
+                    return
+                self._next_respawn = time.monotonic() + RESPAWN_EVERY_S
+                old = self.delivery
+                if old is not None and old.poll() is None:
+                    return  # alive after all
+                status = old.returncode if old is not None else None
+                log.warning(
+                    "run %s: the delivery process is gone (exit status %s); starting another", self.run_id, status
+                )
+                self._start_delivery()
+            finally:
+                self._respawning = False
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child (a data loader worker): hooks run in the parent only, and the child must
+        not hold the parent's lock or pipe open."""
+        self._closed = True
+        self._closed_why = f"open in process {self._pid} only (this is a forked child)"
+        self._run.writer_lock.release()  # the child's copy: the parent keeps its lock
+        with contextlib.suppress(OSError):
+            os.close(self._wake_fd)
+        self._wake_fd = -1
+        self.delivery = None
+        atexit.unregister(self.close)
+
     # -- internals ---------------------------------------------------------------------
+
+    def _pushed(self) -> int:
+        return self._control.pushed
 
     def _take_writer_lock(self) -> None:
         for _ in range(LOCK_ATTEMPTS):
@@ -419,22 +515,6 @@ class Publisher:
             f"another process is writing run {self.run_id!r} in {self._run.dir}; "
             "use another TRAINBUS_RUN_ID or stop that process"
         )
-
-    def _hand_off_others(self) -> None:
-        """Spools left by killed processes, or snapshots waiting for sinks: a detached drainer takes
-        them. Runs once in the flusher thread, off the hook path."""
-        root = self._run.dir.parent
-        orphans = [r.run_id for r in pending_runs(root) if r.run_id != self.run_id]
-        if orphans:
-            log.warning("spool holds undelivered events of %d earlier run(s); starting a drainer", len(orphans))
-        if orphans or any(r.run_id != self.run_id and _holds_snapshots(r) for r in run_dirs(root)):
-            self._spawn_drainer(orphans)
-
-    def _spawn_drainer(self, run_ids: list[str]) -> None:
-        try:
-            self.drainer = spawn_drainer(self._run.dir.parent, self.settings, run_ids)
-        except OSError as exc:
-            log.error("could not start a drainer (%s); run `trainbus spool replay` to push %s", exc, run_ids)
 
     def add_secret(self, secret: str) -> None:
         """Redact ``secret`` from every later event (keys the hooks come across)."""
@@ -466,14 +546,6 @@ def _secrets_of(settings: Settings) -> tuple[bytes, ...]:
     return tuple(encode(s)[1:-1] for s in found if len(s) >= MIN_SECRET_LEN)
 
 
-def _holds_snapshots(run: RunSpool) -> bool:
-    """Checkpoint snapshots (or sidecars, partial copies) are still in the run's directory."""
-    try:
-        return any(os.scandir(run.checkpoint_dir))
-    except FileNotFoundError:
-        return False
-
-
 @functools.cache
 def _versions() -> dict[str, str]:
     """Library versions for the session, once per process: a module's own ``__version__`` when it is
@@ -488,3 +560,11 @@ def _versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[name] = metadata.version(name)
     return found
+
+
+def _after_fork_in_child() -> None:
+    for bus in list(_OPEN):
+        bus._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

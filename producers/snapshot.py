@@ -14,11 +14,13 @@ Only what can still be uploaded is kept: the newest snapshot, the newest best, t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import shutil
 import threading
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,10 +31,12 @@ import orjson
 
 from shared.checksum import sha256_of
 from shared.errors import TrainbusError
+from shared.events import EventType
 
 log = logging.getLogger("trainbus.snapshot")
 
 ZIP_MAGIC = b"PK\x03\x04"
+SNAPSHOT_TYPES = frozenset({EventType.CHECKPOINT.value, EventType.FINAL.value})  # events that carry one
 
 
 class SnapshotError(TrainbusError):
@@ -70,11 +74,12 @@ def take_snapshot(source: Path, expected: Stamp, dest: Path) -> dict[str, Any]:
     before = Stamp.of(source)
     if before != expected:
         raise SnapshotError(f"{source} was rewritten before it could be copied (superseded)")
-    tmp = dest.with_name(dest.name + ".part")
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}-{threading.get_ident()}.part")  # racing makers each copy
     shutil.copyfile(source, tmp)
     try:
         if Stamp.of(source) != before:
             raise SnapshotError(f"{source} changed while it was being copied")
+        copied_at = time.time()  # from here on the trainer may rewrite the file
         size = tmp.stat().st_size
         if size != before.size:
             raise SnapshotError(f"copied {size} bytes of {source}, expected {before.size}")
@@ -84,7 +89,7 @@ def take_snapshot(source: Path, expected: Stamp, dest: Path) -> dict[str, Any]:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, dest)
-    return {"path": str(dest), "sha256": digest, "size": size}
+    return {"path": str(dest), "sha256": digest, "size": size, "copied_at": copied_at}
 
 
 def _check_zip(copy: Path, source: Path) -> None:
@@ -111,6 +116,7 @@ class Snapshotter:
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
+        _remove_parts_of_dead_makers(directory)
         self._queue: queue.SimpleQueue[tuple[int, dict[str, Any]] | None] = queue.SimpleQueue()
         self._queued: set[int] = set()
         self._lock = threading.Lock()
@@ -162,6 +168,8 @@ class Snapshotter:
                 self.on_done()
 
     def _make(self, seq: int, request: dict[str, Any]) -> dict[str, Any]:
+        with contextlib.suppress(FileNotFoundError):  # made already (by a process since killed, or a drainer)
+            return orjson.loads(self._sidecar(seq).read_bytes())
         if "error" in request:
             result: dict[str, Any] = {"error": request["error"]}
         else:
@@ -174,7 +182,7 @@ class Snapshotter:
                 result = {"error": f"cannot snapshot {request['source']}: {exc.strerror or exc}"}
         if "error" in result:
             log.warning("checkpoint of event %d not captured: %s", seq, result["error"])
-        tmp = self._sidecar(seq).with_suffix(".tmp")
+        tmp = self._sidecar(seq).with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
         tmp.write_bytes(orjson.dumps(result))
         os.replace(tmp, self._sidecar(seq))
         self._prune()
@@ -185,10 +193,30 @@ class Snapshotter:
 
     def _prune(self) -> None:
         """Keep the newest snapshot, the newest best, and finals; the rest is superseded."""
-        snaps = sorted(p for p in self.dir.iterdir() if "-" in p.name and not p.name.endswith(".part"))
+        snaps = sorted(p for p in self.dir.iterdir() if "-" in p.name and not p.name.endswith((".part", ".tmp")))
         periodic = [p for p in snaps if "-final" not in p.name]
         best = [p for p in periodic if "-best" in p.name]
         keep = {p for p in snaps if "-final" in p.name} | set(periodic[-1:]) | set(best[-1:])
         for path in snaps:
             if path not in keep:
                 path.unlink(missing_ok=True)
+
+
+def _remove_parts_of_dead_makers(directory: Path) -> None:
+    """Partial copies and sidecars left by a process killed while it made them."""
+    with contextlib.suppress(FileNotFoundError):
+        for path in directory.iterdir():
+            if path.suffix in (".part", ".tmp") and not _alive(path.stem.rsplit(".", 1)[-1].split("-")[0]):
+                path.unlink(missing_ok=True)
+
+
+def _alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return False  # a name from before makers were named: its maker is gone
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

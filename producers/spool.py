@@ -4,7 +4,8 @@ Layout, under ``TRAINBUS_SPOOL_DIR``::
 
     <run_id>/
         writer.lock          held (flock) by the training process while it runs
-        pusher.lock          held by whoever pushes this run to Redis (flusher or drainer)
+        pusher.lock          held by whoever pushes this run to Redis (delivery process or drainer)
+        control              what the delivery process tells the training process (control.py)
         seq                  last seq of the run once every segment was pushed and removed
         spool-id             this spool's identity (a resumed run elsewhere has another one)
         000000000000.log     segments named by their first seq, each at most SEGMENT_BYTES
@@ -28,17 +29,20 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("trainbus.spool")
 
 SEGMENT_BYTES = 4 << 20
+FIRST_SEGMENT_BYTES = 256 << 10  # a new writer's first segment, made on the training thread
 READ_BYTES = 2 << 20  # more than the largest record (events are capped at 1 MiB)
 NEWLINE = 10
 SEGMENT_SUFFIX = ".log"
-SPARE_NAME = ".next-segment.tmp"  # the next segment, made ahead by the flusher thread (not a segment yet)
+SPARE_NAME = ".next-segment.tmp"  # the next segment, made ahead by the delivery process (not a segment yet)
+CHUNK_BYTES = 64 << 10  # the writer forgets pushed bytes in chunks of at most this
 
 
 @dataclass(slots=True)
@@ -153,8 +157,11 @@ class RunSpool:
         return last
 
     def drop_spare(self) -> None:
-        """Remove a next segment made ahead by a writer that is gone (killed before it used it)."""
-        (self.dir / SPARE_NAME).unlink(missing_ok=True)
+        """Remove the next segment made ahead for a writer that is gone (and any half-made one)."""
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.dir):
+                if name.startswith(SPARE_NAME):
+                    (self.dir / name).unlink(missing_ok=True)
 
     def remember_seq(self, seq: int) -> None:
         """Record the last seq before removing the segments that hold it."""
@@ -168,20 +175,20 @@ class SpoolWriter:
 
     Each segment is a preallocated file mapped into memory (``MAP_SHARED``): an append is
     a memory copy into the page cache, where it survives a SIGKILL of this process, and it
-    never releases the GIL (a ``write()`` would, letting the flusher thread in between).
-    The newline is stored last, so a reader never takes a half-copied record as whole.
-    Preallocating (``posix_fallocate``) means a full disk fails the rotation with ENOSPC
-    instead of killing the process with SIGBUS on a page fault. The first write into a
-    fresh segment costs 1-1.7 ms on ext4 (its blocks and pages are set up on that fault),
-    so the next segment is made ahead, off the hook path (:meth:`prepare_spare`, from the
-    flusher thread), written through once with zeros; a rotation only renames it.
+    never releases the GIL. The newline is stored last, so a reader never takes a
+    half-copied record as whole. Preallocating (``posix_fallocate``) means a full disk fails
+    the rotation with ENOSPC instead of killing the process with SIGBUS on a page fault. The
+    first write into a fresh segment costs 1-1.7 ms on ext4 (its blocks and pages are set up
+    on that fault), so the delivery process makes the next segment ahead
+    (:func:`prepare_spare`); a rotation only renames and maps it.
 
-    What counts against the size limit is kept per segment: bytes appended (by this writer,
-    or found at start, left by an earlier process) minus bytes the pusher released. A
-    segment that disappeared (a drainer delivered and removed it) no longer counts.
+    What counts against the size limit: segments found at start (an earlier process's
+    backlog) until someone removes them, and what this writer appended until the pushed seq
+    (``pushed()``, the control page) passes it, kept in chunks so a long outage costs little
+    memory.
     """
 
-    def __init__(self, run: RunSpool, max_bytes: int) -> None:
+    def __init__(self, run: RunSpool, max_bytes: int, pushed: Callable[[], int] = lambda: -1) -> None:
         self.run = run
         self.max_bytes = max_bytes
         self.next_seq = run.last_seq() + 1
@@ -189,24 +196,21 @@ class SpoolWriter:
         self._map: mmap.mmap | None = None
         self._size = 0
         self.end = 0  # offset just past the last record in the current segment
-        self.published: tuple[Path | None, int] = (None, 0)  # (segment, end), read by the pusher in one go
-        # Per segment, each dict and total written by one thread only (hook / pusher): no lock needed.
-        self._appended: dict[Path, int] = run.backlog()
-        self._appended_total = sum(self._appended.values())
-        self._released: dict[Path, int] = {}
-        self._released_total = 0
-        self._gone_total = 0  # unreleased bytes of segments someone else removed
+        self._pushed = pushed
+        self._backlog: dict[Path, int] = run.backlog()
+        self._backlog_total = sum(self._backlog.values())
+        self._chunk_bytes = max(1, min(CHUNK_BYTES, max_bytes // 16))
+        self._chunks: deque[tuple[int, int]] = deque()  # (last seq, bytes) appended, not yet known pushed
+        self._open_chunk = 0  # bytes appended after the last chunk
+        self._unpushed = 0  # bytes in the chunks and the open chunk
         self._next_recount = 0.0
         self._next_rotate_try = 0.0
-        self._spare: tuple[Path, mmap.mmap] | None = None  # handed from the flusher thread to the hook
-        self._closed = False
-        run.drop_spare()
-        self._rotate(self.next_seq, SEGMENT_BYTES)
+        self._rotate(self.next_seq, FIRST_SEGMENT_BYTES)
 
     @property
     def bytes(self) -> int:
-        """Bytes in the spool not yet pushed to Redis; what the size limit applies to."""
-        return self._appended_total - self._released_total - self._gone_total
+        """Bytes in the spool not known to be in Redis; what the size limit applies to."""
+        return self._backlog_total + self._unpushed
 
     def append(self, seq: int, type: str, data: bytes, *, keep_when_full: bool) -> bool:
         """Write one record; False (and nothing written) when the spool is full.
@@ -217,7 +221,7 @@ class SpoolWriter:
         """
         body = b"%d %s %s" % (seq, type.encode(), data)
         size = len(body) + 1
-        if self.bytes + size > self.max_bytes and not keep_when_full and not self._recount(size):
+        if self.bytes + size > self.max_bytes and not keep_when_full and not self.has_room(size):
             return False
         if self.end + size > self._size:
             now = time.monotonic()
@@ -228,96 +232,95 @@ class SpoolWriter:
             except OSError:
                 self._next_rotate_try = now + 1.0
                 raise
-        assert self._map is not None and self.segment is not None
+        assert self._map is not None
         self._map[self.end : self.end + size - 1] = body
         self._map[self.end + size - 1] = NEWLINE
         self.end += size
-        self.published = (self.segment, self.end)
-        self._appended[self.segment] = self._appended.get(self.segment, 0) + size
-        self._appended_total += size
         self.next_seq = seq + 1
+        self._unpushed += size
+        self._open_chunk += size
+        if self._open_chunk >= self._chunk_bytes:
+            self._chunks.append((seq, self._open_chunk))
+            self._open_chunk = 0
         return True
 
-    def released(self, segment: Path, nbytes: int) -> None:
-        """``nbytes`` of ``segment`` reached Redis: they no longer count against the limit."""
-        self._released[segment] = self._released.get(segment, 0) + nbytes
-        self._released_total += nbytes
+    def has_room(self, size: int) -> bool:
+        """Forget what was pushed (the control page says, in a memory read) or removed since; True if
+        ``size`` more bytes fit. Looks for removed segments at most once a second, so a full spool
+        stays cheap to hit."""
+        pushed = self._pushed()
+        while self._chunks and self._chunks[0][0] <= pushed:
+            self._unpushed -= self._chunks.popleft()[1]
+        if not self._chunks and pushed >= self.next_seq - 1:
+            self._unpushed -= self._open_chunk
+            self._open_chunk = 0
+        now = time.monotonic()
+        if self._backlog and now >= self._next_recount:
+            self._next_recount = now + 1.0
+            for segment in [s for s in self._backlog if not s.exists()]:
+                self._backlog_total -= self._backlog.pop(segment)
+        return self.bytes + size <= self.max_bytes
 
     def close(self) -> None:
-        self._closed = True
         if self._map is not None:
             self._map.close()
             self._map = None
-        self._drop_spare()
-
-    def prepare_spare(self) -> None:
-        """Make the next segment now, if none is ready: called from the flusher thread, whose
-        system calls release the GIL (a 4 MB ``pwrite`` of zeros, not a loop of page touches)."""
-        if self._spare is not None or self._closed:
-            return
-        path = self.run.dir / SPARE_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, SEGMENT_BYTES)
-            os.pwrite(fd, bytes(SEGMENT_BYTES), 0)  # blocks written and pages cached: appends only copy
-            spare = (path, mmap.mmap(fd, SEGMENT_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
-        except OSError:
-            path.unlink(missing_ok=True)
-            raise
-        finally:
-            os.close(fd)  # a mapping keeps the file open
-        self._spare = spare
-        if self._closed:  # closed meanwhile
-            self._drop_spare()
-
-    def _drop_spare(self) -> None:
-        spare, self._spare = self._spare, None
-        if spare is not None:
-            spare[1].close()
-            spare[0].unlink(missing_ok=True)
-
-    def _recount(self, size: int = 0) -> bool:
-        """Forget segments that are gone (pushed and removed by anyone); True if ``size`` fits now.
-        At most once a second when called for a full spool, so a full spool stays cheap to hit."""
-        if size:
-            now = time.monotonic()
-            if now < self._next_recount:
-                return False
-            self._next_recount = now + 1.0
-        for segment in [s for s in self._appended if s != self.segment]:
-            if not segment.exists():
-                self._gone_total += self._appended.pop(segment) - self._released.get(segment, 0)
-        return self.bytes + size <= self.max_bytes
 
     def _rotate(self, first_seq: int, size: int) -> None:
-        """Start a new segment (the spare made ahead, renamed, when there is one that fits); a new
+        """Start a new segment: the spare the delivery process made, when there is one; a new
         writer always starts one, never appends to an old one."""
         path = self.run.dir / f"{first_seq:012d}{SEGMENT_SUFFIX}"
-        spare = self._spare  # the flusher thread sets it only while it is None
-        new_map = None
-        if spare is not None and size <= SEGMENT_BYTES:
-            self._spare = None
-            try:
-                os.replace(spare[0], path)  # the mapping follows the file; an old file of this name goes
-                new_map = spare[1]
-            except OSError:
-                spare[1].close()
-                spare[0].unlink(missing_ok=True)
-        if new_map is None:
-            new_map = _new_segment_file(path, size)
+        new_map = _take_spare(self.run.dir / SPARE_NAME, path) if size <= SEGMENT_BYTES else None
+        if new_map is None:  # the first segment (small, so writing it through is cheap), or no spare yet
+            new_map = _new_segment_file(path, size, written=size <= FIRST_SEGMENT_BYTES)
         if self._map is not None:
             self._map.close()
         self._map, self._size, self.segment, self.end = new_map, len(new_map), path, 0
-        self.published = (path, 0)
-        if self.segment is not None:
-            self._recount()
 
 
-def _new_segment_file(path: Path, size: int) -> mmap.mmap:
+def prepare_spare(run: RunSpool) -> None:
+    """Make the writer's next segment, if none is ready: called by the delivery process. Written
+    through once with zeros, so its blocks are allocated and its pages cached; made under another
+    name and renamed, so a spare is always whole."""
+    path = run.dir / SPARE_NAME
+    if path.exists():
+        return
+    tmp = run.dir / f"{SPARE_NAME}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, SEGMENT_BYTES)
+        os.pwrite(fd, bytes(SEGMENT_BYTES), 0)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _take_spare(spare: Path, path: Path) -> mmap.mmap | None:
+    """The spare, renamed to ``path`` and mapped; None when there is none (or it is not whole)."""
+    try:
+        os.replace(spare, path)  # an old file of this name (no whole record in it) goes
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        if os.fstat(fd).st_size != SEGMENT_BYTES:
+            return None  # not one of ours: _new_segment_file starts this segment afresh
+        return mmap.mmap(fd, SEGMENT_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+
+
+def _new_segment_file(path: Path, size: int, *, written: bool = False) -> mmap.mmap:
+    """``written``: zeros written through, so that the first appends do not pay for the blocks."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         os.ftruncate(fd, 0)  # an existing file of this name holds no whole record
         os.posix_fallocate(fd, 0, size)
+        if written:
+            os.pwrite(fd, bytes(size), 0)
         return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except OSError:
         path.unlink(missing_ok=True)

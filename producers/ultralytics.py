@@ -10,7 +10,7 @@
 
 ``callbacks`` is configured from the ``TRAINBUS_*`` environment (checked where it is
 imported, so a bad value stops the script before training starts); ``make_callbacks(**settings)`` takes
-the same settings as arguments. A publisher (spool, flusher thread) opens when a training
+the same settings as arguments. A publisher (spool, delivery process) opens when a training
 starts and closes at interpreter exit.
 
 The trainer's quirks are tolerated: ``epoch``, ``lr``, ``tloss`` and ``fitness`` are
@@ -36,7 +36,6 @@ from shared.settings import Settings, generate_run_id
 log = logging.getLogger("trainbus.ultralytics")
 
 PLOT_NAMES = ("results.png", "confusion_matrix.png", "confusion_matrix_normalized.png")
-SYSTEM_EVERY_S = 10.0  # how often the machine's load is sampled for the Platform
 PLOT_PATTERN = "*_curve.png"  # F1/PR/P/R curves, prefixed by task in recent releases
 MAP_KEY = "metrics/mAP50-95(B)"
 FINISHED_SUFFIXES = (".png", ".jpg", ".csv", ".yaml")  # of the save dir's files, kept as artifacts
@@ -53,7 +52,6 @@ class UltralyticsHooks:
         self.publisher: Publisher | None = None
         self.failure: str | None = None  # why this training is not recorded (said once)
         self._fit_epochs_seen: set[int] = set()
-        self.system = SystemSampler()
         self._console: Any = None  # Ultralytics' ConsoleLogger, while this training's console is captured
 
     def bus(self) -> Publisher | _Unrecorded:
@@ -66,13 +64,12 @@ class UltralyticsHooks:
             return self.publisher
         if self.failure is None:
             try:
-                self.publisher = Publisher(self.settings)
+                self.publisher = Publisher(self.settings, system_metrics=True)
             except Exception as exc:
                 self.failure = f"{exc.__class__.__name__}: {exc}"
                 log.error("trainbus cannot record this training (%s); its hooks do nothing", self.failure)
                 return UNRECORDED
             self._add_ultralytics_key()
-            self.publisher.every(SYSTEM_EVERY_S, self.system.sample)
             return self.publisher
         return UNRECORDED
 
@@ -132,7 +129,7 @@ class UltralyticsHooks:
             "fitness": getattr(trainer, "fitness", None),
             "best_fitness": getattr(trainer, "best_fitness", None),
             "lr": _first_lr(trainer),
-            "system": self.system.latest,  # sampled in trainbus's thread, not here
+            "system": self.publisher.system_sample() if self.publisher is not None else None,  # sampled elsewhere
         }
         if epoch == 0 and not final_eval:
             extra["model_info"] = _model_info(trainer)  # costly: once, as HUB and ClearML do
@@ -281,22 +278,6 @@ def _plots(trainer: Any) -> list[str]:
     validator = getattr(trainer, "validator", None)
     registered = [*(getattr(trainer, "plots", None) or {}), *(getattr(validator, "plots", None) or {})]
     return [str(p) for p in registered if "batch" not in getattr(p, "name", str(p))]
-
-
-class SystemSampler:
-    """The machine's load (cpu, ram, disks, network, gpus) as the Platform's callbacks report it,
-    sampled in trainbus's background thread; a hook only reads ``latest``."""
-
-    def __init__(self) -> None:
-        self.latest: dict[str, Any] | None = None
-        self._logger: Any = None
-
-    def sample(self) -> None:
-        if self._logger is None:
-            from ultralytics.utils.logger import SystemLogger
-
-            self._logger = SystemLogger(all_drives=True)
-        self.latest = self._logger.get_metrics(rates=True)
 
 
 def _capture_console(bus: Publisher) -> Any:

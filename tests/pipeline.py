@@ -19,7 +19,7 @@ import torch
 from producers import Publisher
 from shared.keys import Keys
 from tests.clearml_server import ACCESS_KEY, SECRET_KEY
-from tests.helpers import children
+from tests.helpers import children, wait_for
 from workers.pipeline.rq_worker import worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +201,11 @@ class Pipeline:
 def train(
     bus: Publisher, workdir: Path, epochs: int, *, pause: float = 0.05, between: Callable[[int], None] | None = None
 ) -> dict[int, dict]:
-    """A small 'training': per epoch metrics and a checkpoint saved in place; then the final."""
+    """A small 'training': per epoch metrics and a checkpoint saved in place; then the final.
+
+    It starts once the delivery process follows the spool (a real training's first save comes
+    far later than that): saves in the first 0.2 s would supersede snapshots not yet made."""
+    wait_for(lambda: bus.delivering, timeout=30)
     weights = workdir / "weights"
     weights.mkdir(parents=True, exist_ok=True)
     last, best = weights / "last.pt", weights / "best.pt"

@@ -13,7 +13,7 @@ import redis
 
 from producers import Publisher
 from shared.keys import Keys
-from tests.conftest import stream_events
+from tests.conftest import delivery_processes, kill_drainers, stream_events
 from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,10 +50,27 @@ def accepted_then_kill(child: subprocess.Popen, after: int | None = None) -> lis
     return seqs
 
 
-def test_killed_with_redis_down_then_trainbus_spool_replay(own_redis, namespace, spool_dir):
+def test_killed_with_redis_down_then_delivered_by_its_delivery_process(own_redis, namespace, spool_dir):
+    """The delivery process outlives the training process it served: it pushes the rest and exits."""
     child = start_child("killed", 200, own_redis.url, namespace, spool_dir)
     seqs = accepted_then_kill(child)
     assert seqs == list(range(201))
+    delivery = delivery_processes(spool_dir)
+    assert len(delivery) == 1, "one delivery process per training process"
+    own_redis.start()
+    client, keys = redis.Redis.from_url(own_redis.url), Keys(namespace)
+    wait_for(lambda: len(stream_events(client, keys)) == 201, timeout=60)
+    assert [e["seq"] for e in stream_events(client, keys)] == seqs
+    wait_for(lambda: not delivery_processes(spool_dir), timeout=30)  # done: it exits (no snapshots to keep)
+    assert not list((spool_dir / "killed").glob("*.log"))
+
+
+def test_killed_with_redis_down_then_trainbus_spool_replay(own_redis, namespace, spool_dir):
+    """The machine went down with it: nothing runs any more, the spool is all there is."""
+    child = start_child("killed", 200, own_redis.url, namespace, spool_dir)
+    seqs = accepted_then_kill(child)
+    assert seqs == list(range(201))
+    kill_drainers(spool_dir)
     own_redis.start()
     env = dict(os.environ, TRAINBUS_REDIS_URL=own_redis.url, TRAINBUS_NAMESPACE=namespace)
     replay = [sys.executable, "-m", "workers.ops.cli", "spool", "replay", "--spool-dir", str(spool_dir)]

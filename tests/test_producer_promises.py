@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import redis
 
 from producers import Publisher
+from producers.spool import RunSpool
 from producers.ultralytics import make_callbacks
 from shared.keys import Keys
 from tests.conftest import stream_events
@@ -132,9 +133,9 @@ def test_close_returns_within_its_bound_over_a_slow_link_and_hands_the_backlog_t
         took = time.monotonic() - started
         assert not flushed, "20 000 events do not fit through a 20 ms link in a second"
         assert took < 1.0 + 1.0, f"close() took {took:.1f} s with TRAINBUS_EXIT_FLUSH_S=1"
-        assert bus.drainer is not None
+        assert bus.delivery is not None
         wait_for(lambda: client.xlen(keys.events) == 20_002, timeout=180, interval=0.5)  # through the slow link
-        assert bus.drainer.wait(timeout=60) == 0
+        assert bus.delivery.wait(timeout=60) == 0
         assert [e["seq"] for e in stream_events(client, keys)] == list(range(20_002))
     finally:
         proxy.close()
@@ -149,7 +150,7 @@ def test_a_resumed_runs_spool_limit_frees_what_a_drainer_delivered_of_the_old_ba
     for i in range(1600):
         old.metrics(i, {"pad": "x" * 1000})
     old.close(timeout=0)
-    old.drainer.kill()  # it tries an unreachable Redis; the replay below delivers instead
+    old.delivery.kill()  # it tries an unreachable Redis; the replay below delivers instead
     url = urlparse(redis_url)
     proxy = DelayProxy(url.hostname, url.port or 6379, delay=0.05)
     try:
@@ -211,11 +212,14 @@ def test_snapshots_are_removed_once_every_sink_is_done_with_the_run(redis_url, n
     ckpt = tmp_path / "last.pt"
     ckpt.write_bytes(os.urandom(1 << 16))
     bus = Publisher(redis_url=redis_url, namespace=namespace, spool_dir=spool, run_id="kept")
+    wait_for(lambda: bus.delivering, timeout=30)
     for epoch in range(3):
         bus.checkpoint(ckpt, epoch, is_best=epoch == 1)
         time.sleep(0.05)
     bus.final(ckpt, 2, {}, map50_95=0.5)
     bus.close()
+    run = RunSpool(spool, "kept")
+    wait_for(lambda: not run.segments() and run.pusher_lock.is_free(), timeout=30)  # delivered: the run is idle
     held = spool / "kept" / "checkpoints"
     status = subprocess.run(
         [sys.executable, "-m", "workers.ops.cli", "spool", "gc", "--spool-dir", str(spool)],
@@ -232,7 +236,7 @@ def test_snapshots_are_removed_once_every_sink_is_done_with_the_run(redis_url, n
     assert list(held.glob("*.pt")), "the ClearML sink has not finished the run"
     client.hset(keys.state("clearml", "kept"), "finished", "1")
     wait_for(lambda: not any(held.iterdir()), timeout=30)  # the drainer started at close removes them
-    assert bus.drainer.wait(timeout=30) == 0, "and then it is gone"
+    assert bus.delivery.wait(timeout=30) == 0, "and then it is gone"
 
 
 def test_snapshots_of_a_run_no_sink_finishes_go_after_the_retention(redis_url, namespace, client, keys, tmp_path):

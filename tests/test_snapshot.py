@@ -13,6 +13,7 @@ import torch
 from producers import Publisher
 from producers.snapshot import SnapshotError, Stamp, take_snapshot
 from tests.conftest import stream_events
+from tests.helpers import wait_for
 
 
 def sha256(path) -> str:
@@ -93,6 +94,7 @@ def test_checkpoint_events_carry_a_verified_snapshot_and_old_ones_are_pruned(
     last, best = tmp_path / "last.pt", tmp_path / "best.pt"
     expected = {}
     with Publisher(redis_url=redis_url, namespace=namespace, spool_dir=spool_dir, run_id="ck") as bus:
+        wait_for(lambda: bus.delivering, timeout=30)  # a training's first save comes much later than this
         for epoch in range(8):
             save_checkpoint(last, seed=epoch, numel=10_000)
             expected[epoch] = sha256(last)

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
+from producers.control import Control
 from producers.ultralytics import CALLBACK_NAMES, make_callbacks
 from tests.conftest import stream_events
 from tests.helpers import wait_for
@@ -53,9 +54,13 @@ class StandInTrainer:
         return {k: round(float(v), 5) for k, v in zip(keys, values, strict=True)}
 
 
-def train(callbacks: dict, save_dir: Path, epochs: int = 3) -> StandInTrainer:
+def train(callbacks: dict, save_dir: Path, epochs: int = 3, spool: Path | None = None) -> StandInTrainer:
+    """``spool``: the run's spool directory, to start once its delivery process follows it (as a
+    real training's first save comes much later than that)."""
     t = StandInTrainer(save_dir, epochs)
     callbacks["on_pretrain_routine_start"](t)
+    if spool is not None:
+        wait_for(lambda: Control.attach(spool).following, timeout=30)
     callbacks["on_fit_epoch_end"](t)  # attributes missing: must not raise
     callbacks["on_pretrain_routine_end"](t)
     callbacks["on_train_start"](t)
@@ -102,7 +107,7 @@ def test_a_training_publishes_what_hub_and_clearml_callbacks_need(
         hub_model="https://hub.ultralytics.com/models/" + "m" * 20,
     )
     assert set(callbacks) == set(CALLBACK_NAMES)
-    trainer = train(callbacks, tmp_path / "runs" / "train", epochs=3)
+    trainer = train(callbacks, tmp_path / "runs" / "train", epochs=3, spool=spool_dir / "yolo")
     events = wait_for(lambda: (e := stream_events(client, keys)) and e[-1]["type"] == "run_end" and e)
     by_type: dict[str, list] = {}
     for e in events:
