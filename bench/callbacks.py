@@ -7,10 +7,13 @@
 The callbacks are trainbus's (``producers.ultralytics``), each wrapped in a timer. With the
 stand-in trainer (the attributes and call order of Ultralytics' trainer, a checkpoint of
 ``--ckpt-mb`` saved in place with ``torch.save`` before every ``on_model_save``), the calls
-of an epoch come ``--gap-ms`` apart (1 ms), so trainbus's background work from one call
-competes with the next, as it would in a fast training. Cases: Redis up, and Redis
+of an epoch come ``--gap-ms`` of training work apart (1 ms of matmuls), so trainbus's
+background work from one call competes with the next, as it would in a fast training. Cases: Redis up, and Redis
 unreachable (nothing at the URL: events stay in the spool). With ``--real``, a tiny YOLO
-training on generated images (CPU) is run with the callbacks timed in place, Redis up.
+training on generated images (CPU) is run with the callbacks timed in place, Redis up, and
+before four of them a probe times two tiny operations at the same point (an ``orjson.dumps``
+of two keys; before ``on_model_save`` an ``os.stat`` of last.pt): the floor that the training's
+cold caches set there.
 
 Printed per case and callback: calls, p50, p99 and max in microseconds. One-offs are shown
 apart: ``on_pretrain_routine_start`` (opens the publisher), ``on_train_end`` (the final, once)
@@ -20,6 +23,7 @@ and the first ``on_fit_epoch_end`` (Ultralytics' model info, which the seed comp
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -91,6 +95,18 @@ class StandInTrainer:
             self.best.write_bytes(self.last.read_bytes())
 
 
+def compute_for(seconds: float) -> None:
+    """Training work between two calls: small matmuls, so the CPU stays busy as in a training. (A
+    sleep would idle it, and on these VMs any code right after a 1-10 ms idle runs 10-50x slower,
+    a bytearray copy included: that would measure the machine, not the callback.)"""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        torch.mm(WORK, WORK)
+
+
+WORK = torch.randn(64, 64)
+
+
 def stand_in(redis_url: str, epochs: int, ckpt_mb: float, gap_s: float) -> dict[str, list[float]]:
     """Microseconds per call of each callback over a stand-in training."""
     samples: dict[str, list[float]] = defaultdict(list)
@@ -110,7 +126,7 @@ def stand_in(redis_url: str, epochs: int, ckpt_mb: float, gap_s: float) -> dict[
             t0 = time.perf_counter_ns()
             callbacks[name](obj)
             samples[name].append((time.perf_counter_ns() - t0) / 1000)
-            time.sleep(gap_s)
+            compute_for(gap_s)
 
         try:
             call("on_pretrain_routine_start", t)
@@ -136,8 +152,9 @@ def stand_in(redis_url: str, epochs: int, ckpt_mb: float, gap_s: float) -> dict[
 
 
 REAL = textwrap.dedent("""
-    import json, sys, time
+    import json, os, sys, time
     from collections import defaultdict
+    import orjson
     from ultralytics import YOLO
     from producers.ultralytics import make_callbacks
 
@@ -150,8 +167,22 @@ REAL = textwrap.dedent("""
             samples[name].append((time.perf_counter_ns() - t0) / 1000)
         return hook
 
+    def floor(name):
+        # before trainbus's hook, at the same point: what tiny operations cost there (cold caches)
+        def probe(obj):
+            t0 = time.perf_counter_ns()
+            orjson.dumps({"epoch": 1, "loss": 0.5})
+            samples[f"{name} | floor: orjson.dumps of 2 keys"].append((time.perf_counter_ns() - t0) / 1000)
+            if name == "on_model_save":
+                t0 = time.perf_counter_ns()
+                os.stat(obj.last)
+                samples[f"{name} | floor: os.stat(last.pt)"].append((time.perf_counter_ns() - t0) / 1000)
+        return probe
+
     model = YOLO("yolov8n.yaml")
     for event, fn in make_callbacks(redis_url=sys.argv[3], console=False).items():
+        if event in ("on_train_epoch_end", "on_val_start", "on_model_save", "on_fit_epoch_end"):
+            model.add_callback(event, floor(event))
         model.add_callback(event, timed(event, fn))
     model.train(data=sys.argv[1], epochs=int(sys.argv[4]), imgsz=64, batch=4, workers=0, device="cpu", amp=False,
                 project=sys.argv[2], name="bench", exist_ok=True, verbose=False, plots=False)
@@ -184,8 +215,6 @@ def real(redis_url: str, epochs: int) -> dict[str, list[float]]:
         line = next((x for x in out.stdout.splitlines() if x.startswith("SAMPLES ")), None)
         if out.returncode or line is None:
             raise SystemExit(f"the YOLO training failed:\n{out.stderr[-3000:]}")
-        import json
-
         return json.loads(line.removeprefix("SAMPLES "))
 
 

@@ -8,13 +8,14 @@ thread), when a hook runs or ``close()`` waits::
     8     uint8   redis_down: 1 while the last push failed
     9     uint8   stop: 1 once the run was told to stop (the reason is written before it)
     10    uint8   following: 1 once the delivery process follows the spool (snapshots are made)
-    16    256 B   the stop reason, UTF-8, NUL-padded
+    16    double  heartbeat: the delivery process's CLOCK_MONOTONIC at its last look at the spool
+    24    256 B   the stop reason, UTF-8, NUL-padded
     512   uint32  sample version: odd while the sample below is being rewritten
     516   uint32  sample length
     520   ...     the latest machine-load sample, JSON (see producers/system.py)
 
-Each field has one writer. The pushed seq only grows, so a reader that sees an old value
-waits a little longer; the sample is guarded by its version (a reader that sees it change
+Each field has one writer. The pushed seq and the heartbeat only grow, so a reader that
+sees an old value waits a little longer; the sample is guarded by its version (a reader that sees it change
 keeps the previous sample).
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import time
 from pathlib import Path
 
 CONTROL_NAME = "control"
@@ -30,7 +32,9 @@ SIZE = 4096
 _PUSHED = struct.Struct("<q")
 _U32 = struct.Struct("<I")
 REDIS_DOWN_AT, STOP_AT, FOLLOWING_AT = 8, 9, 10
-REASON_AT, REASON_BYTES = 16, 256
+_HEARTBEAT = struct.Struct("<d")
+HEARTBEAT_AT = 16
+REASON_AT, REASON_BYTES = 24, 256
 SAMPLE_VERSION_AT, SAMPLE_LEN_AT, SAMPLE_AT = 512, 516, 520
 SAMPLE_MAX = SIZE - SAMPLE_AT
 
@@ -88,6 +92,10 @@ class Control:
         return self._map[FOLLOWING_AT] == 1
 
     @property
+    def heartbeat(self) -> float:
+        return _HEARTBEAT.unpack_from(self._map, HEARTBEAT_AT)[0]
+
+    @property
     def stop_reason(self) -> str | None:
         if self._map[STOP_AT] != 1:
             return None
@@ -114,6 +122,9 @@ class Control:
 
     def set_following(self) -> None:
         self._map[FOLLOWING_AT] = 1
+
+    def beat(self) -> None:
+        _HEARTBEAT.pack_into(self._map, HEARTBEAT_AT, time.monotonic())
 
     def set_stop(self, reason: str) -> None:
         data = reason.encode()[:REASON_BYTES]

@@ -5,7 +5,9 @@ holds the training interpreter's GIL. It follows the run's spool (``producers/ta
 makes checkpoint snapshots as soon as the events appear, pushes to Redis, refreshes the
 run's liveness key, learns stop orders, samples the machine's load, and makes the writer's
 next segment ahead. It tells the training process what it needs through the control page
-(``producers/control.py``); the training process wakes it with one byte on a pipe.
+(``producers/control.py``). The training process makes no system call to tell it of an
+event: the tail looks at the spool every 20 ms, a memory read when nothing is new. The pipe
+between them carries only a "push now" from a closing publisher, and its end of file.
 
 When the training process has gone (the pipe's end of file: closed or killed), it keeps
 going until the spool is delivered, like any drainer, then waits for sinks to finish with
@@ -18,6 +20,7 @@ the command line, so a password does not show in ``ps``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import select
@@ -43,9 +46,11 @@ from shared.settings import Settings
 
 log = logging.getLogger("trainbus.delivery")
 
-COALESCE_S = 0.002  # after a wake-up, read once the burst it starts is in: fewer wake-ups on a busy machine
-WAKE, FLUSH_NOW = b"\0", b"\1"  # the bytes a publisher writes: events appended; closing, push now
-IDLE_S = 1.0  # the longest the tail sleeps without a wake-up (a missed byte costs at most this)
+POLL_S = 0.02  # how often the tail looks for new records: hooks make no system call to say so
+FULL_LOOK_S = 0.1  # how often it also lists the directory (a new segment)
+FLUSH_NOW = b"\1"  # what a closing publisher writes on the pipe: push now, whatever the backoff
+NICE = 5  # below the training's priority, not so far that a busy machine starves the snapshots
+IDLE_S = 1.0  # the longest the push thread sleeps without being told of new records
 STOP_CHECK_S = 1.0  # how often a live run looks for its stop order
 WRITER_POLL_S = 0.2  # after the pipe's end: how often to look whether the writer's lock is free
 SYSTEM_EVERY_S = 10.0  # how often the machine's load is sampled
@@ -95,26 +100,32 @@ class Delivery:
     # -- the main thread: the tail ------------------------------------------------------
 
     def _follow_writer(self) -> None:
-        """Until the writer is gone: read what it appended, make its next segment, sample."""
+        """Until the writer is gone: look at the spool every POLL_S (a memory read when nothing is new),
+        read what was appended, make the writer's next segment, sample the machine."""
         self.tail.follow()
         self.control.set_following()
+        next_full_look = 0.0
         while not self.writer_gone:
-            readable, _, _ = select.select([self.wake_fd], [], [], IDLE_S)
+            self.control.beat()
+            readable, _, _ = select.select([self.wake_fd], [], [], POLL_S)
             if readable:
-                time.sleep(COALESCE_S)  # the rest of the burst (an epoch's end is a few events)
                 wakes = os.read(self.wake_fd, 1 << 16)
                 if not wakes:  # end of file: every writer end closed
                     self._wait_for_writer_lock()
                 elif FLUSH_NOW in wakes:
                     self._retry_now = True
+            now = time.monotonic()
+            if readable or self.tail.has_new() or now >= next_full_look:
+                next_full_look = now + FULL_LOOK_S  # a rotation shows only in the directory
+                try:
+                    if self.tail.follow():
+                        self._push_wake.set()
+                    if not self.writer_gone:
+                        prepare_spare(self.run)
+                except OSError as exc:  # the spool's own files: a disk problem, said once
+                    self._spool_failed(exc)
+                if self._retry_now:
                     self._push_wake.set()
-            try:
-                if self.tail.follow():
-                    self._push_wake.set()
-                if not self.writer_gone:
-                    prepare_spare(self.run)
-            except OSError as exc:  # the spool's own files: a disk problem, said once
-                self._spool_failed(exc)
             self._sample()
 
     def _wait_for_writer_lock(self) -> None:
@@ -284,6 +295,15 @@ def spawn_delivery(
         )
 
 
+def _yield_to_training() -> None:
+    """Never preempt the training process when woken (SCHED_BATCH: no wake-up preemption), and take
+    a smaller share of a busy machine's CPU (nice). Its threads inherit both."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux, or not allowed: the defaults
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m producers.delivery",
@@ -297,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-seq", type=int, default=0, help="snapshot checkpoint events from this seq on")
     parser.add_argument("--system", action="store_true", help="sample the machine's load for the publisher")
     args = parser.parse_args(argv)
+    _yield_to_training()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s delivery[%(process)d] %(levelname)s %(message)s")
     settings = Settings.from_env(spool_dir=args.spool_dir)
     deadline = time.monotonic() + DRAINER_GIVE_UP_S

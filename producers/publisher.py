@@ -1,7 +1,7 @@
 """The training-side API: turn training moments into events, in microseconds.
 
 Every method builds an event, encodes it, copies it into the run's memory-mapped spool,
-wakes the run's delivery process with one byte on a pipe and returns. The training process
+and returns: the run's delivery process finds it there within 20 ms. The training process
 runs no thread of trainbus's: the delivery process (``producers/delivery.py``) does the
 rest, snapshots and Redis included. None of the methods touches the network or raises
 into training: a failure is logged and the method returns ``None``.
@@ -40,7 +40,7 @@ from typing import Any
 import orjson
 
 from producers.control import Control
-from producers.delivery import FLUSH_NOW, WAKE, spawn_delivery
+from producers.delivery import FLUSH_NOW, spawn_delivery
 from producers.drain import DRAIN_LOG
 from producers.snapshot import checkpoint_request
 from producers.spool import RunSpool, SpoolWriter
@@ -55,9 +55,12 @@ log = logging.getLogger("trainbus.publisher")
 LOCK_ATTEMPTS = 5  # x 2 ms: a drainer's probe of the writer lock takes microseconds
 DOWN_EXIT_FLUSH_S = 0.5  # the exit flush when the last push had failed
 CLOSE_POLL_S = 0.002  # how often close() looks at the pushed seq
+DELIVERY_SILENT_S = 5.0  # a delivery process whose heartbeat is older is checked (and replaced if gone)
 RESPAWN_EVERY_S = 5.0  # at most one new delivery process this often (one that keeps dying must not cost hooks)
+REALPATHS_KEPT = 256
 MIN_SECRET_LEN = 8
 VERSIONED = ("trainbus", "torch", "ultralytics", "numpy", "redis", "orjson")
+_TYPE_NAMES: dict[object, str] = {**{t.value: t.value for t in EventType}, **{t: t.value for t in EventType}}
 _OPEN: weakref.WeakSet[Publisher] = weakref.WeakSet()  # for fork(): a child must not write the parent's spool
 
 
@@ -99,6 +102,7 @@ class Publisher:
         self._secrets = _secrets_of(self.settings)
         self._system = system_metrics
         self._pid = os.getpid()
+        self._realpaths: dict[str, str] = {}
         self.delivery: subprocess.Popen | None = None  # the delivery process (it outlives this one)
         self._wake_fd = -1
         self._spawn_lock = threading.Lock()
@@ -159,7 +163,7 @@ class Publisher:
     def publish(self, type: str | EventType, payload: Mapping[str, Any] | None = None) -> int | None:
         """Append one event; returns its seq, or None when it was dropped (spool full, closed)."""
         try:
-            return self._publish(EventType(type).value, dict(payload or {}))
+            return self._publish(_TYPE_NAMES.get(type) or EventType(type).value, dict(payload or {}))
         except Exception:  # never into training
             self._failures += 1
             if self._failures <= 3:
@@ -180,15 +184,15 @@ class Publisher:
                 self._append(EventType.SPOOL_OVERFLOW.value, {"dropped": dict(self._dropped)})
                 self._dropped.clear()
             seq = self._append(type, payload)
-        if seq is not None:
-            self._wake()
+        if time.monotonic() - self._control.heartbeat > DELIVERY_SILENT_S and self._control.following:
+            self._delivery_lost()  # it looks at the spool every 20 ms: silent this long, it may be gone
         self._check_stop()
         return seq
 
-    def _wake(self, byte: bytes = WAKE) -> None:
-        """One byte on the delivery process's pipe: the cheapest hand-off there is."""
+    def _wake(self) -> None:
+        """Tell the delivery process to push now (close): it may be waiting out a backoff."""
         try:
-            os.write(self._wake_fd, byte)
+            os.write(self._wake_fd, FLUSH_NOW)
         except BlockingIOError:
             pass  # the pipe is full of wake-ups it has not read yet
         except OSError:  # EPIPE: it is gone (EBADF: it never started)
@@ -322,8 +326,8 @@ class Publisher:
             {
                 "kind": kind,
                 "title": title,
-                "paths": [os.path.realpath(p) for p in paths],  # workers see the same paths, not our cwd
-                "dir": os.path.realpath(directory) if directory is not None else None,
+                "paths": [self._realpath(p) for p in paths],  # workers see the same paths, not our cwd
+                "dir": self._realpath(directory) if directory is not None else None,
                 "pattern": pattern,
                 "names": list(names),
                 "iteration": iteration,
@@ -362,7 +366,7 @@ class Publisher:
         if summary is not None:
             payload["summary"] = dict(summary)
         if files:
-            payload["files"] = [os.path.realpath(f) for f in files]
+            payload["files"] = [self._realpath(f) for f in files]
         return self.publish(EventType.FINAL, payload)
 
     def end(self, status: str = "completed", error: str | None = None) -> int | None:
@@ -391,7 +395,7 @@ class Publisher:
         if self._control.redis_down:  # waiting would mostly delay the script: the delivery process retries
             budget = min(budget, DOWN_EXIT_FLUSH_S)
         flushed = False
-        self._wake(FLUSH_NOW)
+        self._wake()
         try:
             flushed = self._wait_pushed(last, budget)
         finally:  # on Ctrl-C during the wait too: let go of the spool, the delivery process finishes it
@@ -465,7 +469,8 @@ class Publisher:
             os.close(write_fd)
 
     def _delivery_lost(self) -> None:
-        """Seen from a hook: start another off the hook's thread (spawning takes a millisecond)."""
+        """Seen from a hook (a silent heartbeat, a broken pipe): check, and start another if it is gone,
+        off the hook's thread (spawning takes a millisecond)."""
         now = time.monotonic()
         if self._respawning or self._closed or now < self._next_respawn:
             return
@@ -502,6 +507,17 @@ class Publisher:
         atexit.unregister(self.close)
 
     # -- internals ---------------------------------------------------------------------
+
+    def _realpath(self, path: str | os.PathLike[str]) -> str:
+        """``os.path.realpath``, remembered: it costs a system call per path component, and hooks
+        name the same directories every epoch."""
+        key = os.fspath(path)
+        found = self._realpaths.get(key)
+        if found is None:
+            if len(self._realpaths) >= REALPATHS_KEPT:
+                self._realpaths.clear()
+            found = self._realpaths[key] = os.path.realpath(key)
+        return found
 
     def _pushed(self) -> int:
         return self._control.pushed

@@ -59,6 +59,13 @@ class SpoolTail:
                 return new  # nothing more yet (the writer appends here)
             self._open(segments[segments.index(position.segment) + 1])
 
+    def has_new(self) -> bool:
+        """Has the writer appended past what was read (a memory read, no system call)?"""
+        if self._map is None or self._position is None:
+            return True  # not mapped yet: follow() finds out
+        offset = self._position.offset
+        return offset < len(self._map) and self._map[offset] != 0
+
     def finish(self) -> None:
         """The writer is gone and everything was read: the pusher may read the whole spool."""
         self.follow()

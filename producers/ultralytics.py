@@ -52,6 +52,7 @@ class UltralyticsHooks:
         self.publisher: Publisher | None = None
         self.failure: str | None = None  # why this training is not recorded (said once)
         self._fit_epochs_seen: set[int] = set()
+        self._losses = _LossCache()
         self._console: Any = None  # Ultralytics' ConsoleLogger, while this training's console is captured
 
     def bus(self) -> Publisher | _Unrecorded:
@@ -111,7 +112,7 @@ class UltralyticsHooks:
     def on_train_epoch_end(self, trainer: Any) -> None:
         epoch = getattr(trainer, "epoch", None)
         lr = getattr(trainer, "lr", None) or {}
-        self.bus().metrics(epoch, _train_losses(trainer), stage="train", lr=dict(lr))
+        self.bus().metrics(epoch, self._losses.get(trainer), stage="train", lr=dict(lr))
         if epoch == 0 and getattr(trainer, "save_dir", None):
             self.bus().media("debug", "Mosaic", directory=trainer.save_dir, pattern="train_batch*.jpg", iteration=epoch)
         self._obey_stop(trainer)
@@ -122,7 +123,7 @@ class UltralyticsHooks:
             isinstance(epoch, int) and epoch >= (getattr(trainer, "epochs", None) or sys.maxsize)
         )
         self._fit_epochs_seen.add(epoch)
-        metrics = {**_train_losses(trainer), **(getattr(trainer, "metrics", None) or {})}
+        metrics = {**self._losses.get(trainer), **(getattr(trainer, "metrics", None) or {})}
         extra: dict[str, Any] = {
             "epoch_time": getattr(trainer, "epoch_time", None),
             "final_eval": final_eval,
@@ -271,6 +272,21 @@ def _train_losses(trainer: Any) -> dict[str, Any]:
     except Exception:  # older/newer trainers differ; losses are not worth a crash
         log.debug("label_loss_items failed", exc_info=True)
         return {}
+
+
+class _LossCache:
+    """The epoch's losses, converted once: ``on_train_epoch_end`` and ``on_fit_epoch_end`` both send
+    them, and between the two the trainer keeps the same ``tloss`` (a new one each batch)."""
+
+    def __init__(self) -> None:
+        self._tloss: Any = None
+        self._losses: dict[str, Any] = {}
+
+    def get(self, trainer: Any) -> dict[str, Any]:
+        tloss = getattr(trainer, "tloss", None)
+        if tloss is None or tloss is not self._tloss:
+            self._tloss, self._losses = tloss, _train_losses(trainer)
+        return dict(self._losses)
 
 
 def _plots(trainer: Any) -> list[str]:

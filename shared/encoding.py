@@ -43,6 +43,7 @@ def non_finite_paths(obj: Any) -> list[str]:
 
 
 def _walk_non_finite(obj: Any, path: str, found: list[str], depth: int) -> None:
+    """Leaves that cannot be NaN (None, int, str, bool) are passed over without a call or a path."""
     if depth > MAX_DEPTH:
         return
     if isinstance(obj, float):
@@ -50,17 +51,23 @@ def _walk_non_finite(obj: Any, path: str, found: list[str], depth: int) -> None:
             found.append(path)
         return
     if isinstance(obj, Mapping):
-        for key, value in obj.items():
-            _walk_non_finite(value, f"{path}.{key}" if path else str(key), found, depth + 1)
-        return
-    if isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            _walk_non_finite(value, f"{path}.{i}" if path else str(i), found, depth + 1)
-        return
-    if _is_array(obj):
+        items: Any = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    elif _is_array(obj):
         value = _array_value(obj)
         if isinstance(value, (float, list)):
             _walk_non_finite(value, path, found, depth + 1)
+        return
+    else:
+        return
+    for key, value in items:
+        if value is None or type(value) in _PLAIN:
+            continue
+        _walk_non_finite(value, f"{path}.{key}" if path else str(key), found, depth + 1)
+
+
+_PLAIN = frozenset({int, str, bool})
 
 
 def _is_array(obj: Any) -> bool:

@@ -119,9 +119,8 @@ def encode_event(run_id: str, seq: int, ts: float, type: str, payload: dict[str,
     data = encode(envelope)
     if b"null" in data:
         nulls = non_finite_paths(payload)
-        if nulls:
-            envelope["nulls"] = nulls
-            data = encode(envelope)
+        if nulls:  # the last key, as if it had been in the envelope: no second encoding of the payload
+            data = b'%s,"nulls":%s}' % (data[:-1], encode(nulls))
     return data
 
 
