@@ -148,7 +148,29 @@ def stand_in(redis_url: str, epochs: int, ckpt_mb: float, gap_s: float) -> dict[
                 if bus.delivery is not None:  # Redis down: it would retry the closed port for a day
                     bus.delivery.kill()
                     bus.delivery.wait()
+        samples[WINDOW] = snapshot_windows(redis_url, settings.namespace)
     return dict(samples)
+
+
+WINDOW = "save -> snapshot copied"
+
+
+def snapshot_windows(redis_url: str, namespace: str) -> list[float]:
+    """Per checkpoint event in the stream: microseconds from the hook (the event's ts) to the end of
+    its copy (``copied_at``): how long the trainer must not rewrite the file. Removes the stream."""
+    try:
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
+        entries = client.xrange(f"{namespace}:events")
+        client.delete(*client.keys(f"{namespace}:*") or ["-"])
+    except redis.ConnectionError:
+        return []  # Redis down: nothing was delivered
+    windows = []
+    for _, fields in entries:
+        event = json.loads(fields[b"event"])
+        copied = (event["payload"].get("checkpoint") or {}).get("copied_at")
+        if event["type"] == "checkpoint" and copied:
+            windows.append((copied - event["ts"]) * 1e6)
+    return windows
 
 
 REAL = textwrap.dedent("""
@@ -221,6 +243,8 @@ def real(redis_url: str, epochs: int) -> dict[str, list[float]]:
 def rows(case: str, samples: dict[str, list[float]]) -> list[tuple]:
     out = []
     for name, values in samples.items():
+        if name == WINDOW:
+            continue
         steady = values[1:] if name == "on_fit_epoch_end" and len(values) > 1 else values  # epoch 0: model info
         if name in ONE_OFF or not steady:
             continue
@@ -258,6 +282,14 @@ def main() -> None:
     print(f"trainbus's Ultralytics callbacks, each call timed: {what}")
     steady = [r for case, samples in cases.items() for r in rows(case, samples)]
     print(table(("case", "callback", "calls", "p50 µs", "p99 µs", "max µs"), steady))
+    windows = [
+        (case, len(w), statistics.median(w) / 1000, max(w) / 1000)
+        for case, samples in cases.items()
+        if (w := samples.get(WINDOW))
+    ]
+    if windows:
+        print(f"\nfrom a checkpoint's hook to the end of its snapshot's copy ({args.ckpt_mb:g} MB)")
+        print(table(("case", "checkpoints", "p50 ms", "max ms"), windows))
     print("\none-off calls")
     print(table(("case", "callback", "ms"), [r for case, samples in cases.items() for r in one_offs(case, samples)]))
 

@@ -37,7 +37,8 @@ upload, exit flush), steps/s, and steps/s against no telemetry; the training pro
 CPU time (every thread of it) beyond no telemetry's, per epoch and against an epoch's CPU
 time (``--ckpt-mb`` pads the checkpoint to a bigger model's size); "spread" is the range of
 the loop times over the repeats against their median, to judge the noise. The goal: trainbus
-within 1% of no telemetry in every case.
+at least 0.995x of no telemetry in every case (0.99x with a checkpoint past 4 MB); the
+delivery process's own CPU time per epoch is shown beside.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ REDIS_DOWN_URL = "redis://127.0.0.1:1/0"
 
 STACKS = ("healthy", "slow", "down")  # one local HUB, dispatcher and worker each
 DELIVERY_TIMEOUT_S = 60.0
-GOAL = 0.99  # trainbus within 1% of no telemetry
+GOAL = 0.995  # trainbus within 0.5% of no telemetry (issue 14), with the 4 MB checkpoint
+BIG_CHECKPOINT_GOAL = 0.99  # ... and within 1% with a 260 MB one
 CKPT_MB = 4.0  # the small CNN's weights and SGD momentum, as torch.save writes them
 
 
@@ -157,6 +159,15 @@ class Trainbus:
         if self.bus.delivery is not None:  # Redis down: it would retry the closed port for a day
             self.bus.delivery.kill()
             self.bus.delivery.wait()
+
+    def side_cpu_s(self) -> float:
+        """The delivery process's user + system time (/proc), 0 if it is gone already."""
+        delivery = self.bus.delivery
+        try:
+            fields = Path(f"/proc/{delivery.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, AttributeError):
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class InProcessHub:
@@ -270,7 +281,8 @@ def train(
     data: Data, telemetry: Callable[[], Telemetry], epochs: int, weights: Path, pad: torch.Tensor
 ) -> tuple[float, float, float]:
     """(training loop seconds, end-to-end seconds, the process's CPU seconds end to end, every thread
-    of it) of one training with ``telemetry``, from SEED. ``pad`` makes the checkpoint the size asked."""
+    of it, the CPU seconds of the case's process beside it) of one training with ``telemetry``, from
+    SEED. ``pad`` makes the checkpoint the size asked."""
     torch.manual_seed(SEED)
     model = small_cnn()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -303,7 +315,8 @@ def train(
         loop_s = time.perf_counter() - loop_started
         torch.save({"epoch": epochs - 1, "model": model.state_dict()}, best)  # final weights, no optimizer
         hooks.finish(best, epochs - 1, metrics)
-        return loop_s, time.perf_counter() - started, time.process_time() - cpu_started
+        total_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+        return loop_s, total_s, cpu_s, hooks.side_cpu_s() if isinstance(hooks, Trainbus) else 0.0
     finally:
         hooks.cleanup()
 
@@ -380,8 +393,8 @@ def cases(stacks: dict[str, Stack], tmp: Path, epochs: int, final_timeout: float
     ]
 
 
-def run(args: argparse.Namespace) -> dict[str, list[tuple[float, float, float]]]:
-    """(loop s, end-to-end s, CPU s) per case and repeat; every process, key and file removed after."""
+def run(args: argparse.Namespace) -> dict[str, list[tuple[float, ...]]]:
+    """(loop s, end-to-end s, CPU s, delivery CPU s) per case and repeat; every process, key and file removed after."""
     data = Data.generate(args.batches)
     pad = torch.zeros(max(0, int((args.ckpt_mb - CKPT_MB) * 1e6 / 4)))  # float32 beyond the 4 MB of weights
     with contextlib.ExitStack() as cleanup:
@@ -398,7 +411,7 @@ def run(args: argparse.Namespace) -> dict[str, list[tuple[float, float, float]]]
         warm_up = next(case for case in all_cases if case.delivered)  # trainbus, sinks healthy
         train(data, warm_up.telemetry, 1, Path(tempfile.mkdtemp(dir=warm_up.root)), pad)  # torch warm, pipeline proven
         wait_until(warm_up.delivered, DELIVERY_TIMEOUT_S, "the healthy pipeline delivering the warm-up run")
-        results: dict[str, list[tuple[float, float, float]]] = {case.name: [] for case in all_cases}
+        results: dict[str, list[tuple[float, ...]]] = {case.name: [] for case in all_cases}
         for repeat in range(args.repeats):
             shift = repeat % len(all_cases)
             for case in all_cases[shift:] + all_cases[:shift]:
@@ -415,14 +428,15 @@ def run(args: argparse.Namespace) -> dict[str, list[tuple[float, float, float]]]
     return results
 
 
-def report(results: dict[str, list[tuple[float, float, float]]], steps: int, epochs: int) -> str:
-    """The table of medians, and whether trainbus met the goal. The CPU column: the training
-    process's CPU time (all its threads) beyond no telemetry's, per epoch, and against an epoch's."""
-    medians = {name: tuple(statistics.median(t[i] for t in times) for i in range(3)) for name, times in results.items()}
-    base_loop, base_total, base_cpu = medians["no telemetry"]
+def report(results: dict[str, list[tuple[float, ...]]], steps: int, epochs: int, goal: float) -> str:
+    """The table of medians, and whether trainbus met the goal. The CPU columns: the training
+    process's CPU time (all its threads) beyond no telemetry's, per epoch, and against an epoch's;
+    the delivery process's, per epoch (it runs beside the training, on another core if one is free)."""
+    medians = {name: tuple(statistics.median(t[i] for t in times) for i in range(4)) for name, times in results.items()}
+    base_loop, base_total, base_cpu, _ = medians["no telemetry"]
     rows = []
     missed = []
-    for name, (loop_s, total_s, cpu_s) in medians.items():
+    for name, (loop_s, total_s, cpu_s, side_s) in medians.items():
         extra_ms = (cpu_s - base_cpu) / epochs * 1000
         loops = [t[0] for t in results[name]]
         ratios = (base_loop / loop_s, base_total / total_s)
@@ -437,9 +451,10 @@ def report(results: dict[str, list[tuple[float, float, float]]], steps: int, epo
                 steps / total_s,
                 f"{ratios[1]:.3f}x",
                 f"{extra_ms:+.1f} ({extra_ms / (base_cpu / epochs * 1000):+.1%})",
+                f"{side_s / epochs * 1000:.1f}" if side_s else "-",
             )
         )
-        if name.startswith("trainbus") and min(ratios) < GOAL:
+        if name.startswith("trainbus") and min(ratios) < goal:
             missed.append(f"{name} (loop {ratios[0]:.3f}x, end to end {ratios[1]:.3f}x)")
     headers = (
         "case",
@@ -451,9 +466,10 @@ def report(results: dict[str, list[tuple[float, float, float]]], steps: int, epo
         "e2e steps/s",
         "vs none",
         "CPU ms/epoch vs none",
+        "delivery CPU ms/epoch",
     )
-    goal = "met in every trainbus case" if not missed else "missed: " + "; ".join(missed)
-    return table(headers, rows) + f"\n\ngoal, trainbus within 1% of no telemetry (>= {GOAL}x): {goal}"
+    verdict = "met in every trainbus case" if not missed else "missed: " + "; ".join(missed)
+    return table(headers, rows) + f"\n\ngoal, trainbus >= {goal}x of no telemetry: {verdict}"
 
 
 def main() -> None:
@@ -496,7 +512,7 @@ def main() -> None:
         f"medians of {args.repeats} interleaved repeats; in-process final upload bounded at {args.final_timeout:g} s, "
         f"in-process MLflow client retries at {args.mlflow_retries}"
     )
-    print(report(results, steps, args.epochs))
+    print(report(results, steps, args.epochs, GOAL if args.ckpt_mb <= CKPT_MB else BIG_CHECKPOINT_GOAL))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ run's liveness key, learns stop orders, samples the machine's load, and makes th
 next segment ahead. It tells the training process what it needs through the control page
 (``producers/control.py``). The training process makes no system call to tell it of an
 event: the tail looks at the spool every 20 ms, a memory read when nothing is new. The pipe
-between them carries only a "push now" from a closing publisher, and its end of file.
+between them carries a byte for a checkpoint event (its copy starts at once), a "push now"
+from a closing publisher, and its end of file.
 
 When the training process has gone (the pipe's end of file: closed or killed), it keeps
 going until the spool is delivered, like any drainer, then waits for sinks to finish with
@@ -48,7 +49,7 @@ log = logging.getLogger("trainbus.delivery")
 
 POLL_S = 0.02  # how often the tail looks for new records: hooks make no system call to say so
 FULL_LOOK_S = 0.1  # how often it also lists the directory (a new segment)
-FLUSH_NOW = b"\1"  # what a closing publisher writes on the pipe: push now, whatever the backoff
+WAKE, FLUSH_NOW = b"\0", b"\1"  # on the pipe: a checkpoint to copy now; a closing publisher's "push now"
 NICE = 5  # below the training's priority, not so far that a busy machine starves the snapshots
 IDLE_S = 1.0  # the longest the push thread sleeps without being told of new records
 STOP_CHECK_S = 1.0  # how often a live run looks for its stop order

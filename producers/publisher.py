@@ -1,7 +1,8 @@
 """The training-side API: turn training moments into events, in microseconds.
 
 Every method builds an event, encodes it, copies it into the run's memory-mapped spool,
-and returns: the run's delivery process finds it there within 20 ms. The training process
+and returns: the run's delivery process finds it there within 20 ms. Only a checkpoint
+event also writes a byte on a pipe, so that its copy starts at once. The training process
 runs no thread of trainbus's: the delivery process (``producers/delivery.py``) does the
 rest, snapshots and Redis included. None of the methods touches the network or raises
 into training: a failure is logged and the method returns ``None``.
@@ -40,9 +41,9 @@ from typing import Any
 import orjson
 
 from producers.control import Control
-from producers.delivery import FLUSH_NOW, spawn_delivery
+from producers.delivery import FLUSH_NOW, WAKE, spawn_delivery
 from producers.drain import DRAIN_LOG
-from producers.snapshot import checkpoint_request
+from producers.snapshot import SNAPSHOT_TYPES, checkpoint_request
 from producers.spool import RunSpool, SpoolWriter
 from shared.encoding import encode
 from shared.errors import TrainbusError
@@ -184,15 +185,18 @@ class Publisher:
                 self._append(EventType.SPOOL_OVERFLOW.value, {"dropped": dict(self._dropped)})
                 self._dropped.clear()
             seq = self._append(type, payload)
+        if type in SNAPSHOT_TYPES:
+            self._wake(WAKE)  # the copy must start before the trainer's next save: now, not within 20 ms
         if time.monotonic() - self._control.heartbeat > DELIVERY_SILENT_S and self._control.following:
             self._delivery_lost()  # it looks at the spool every 20 ms: silent this long, it may be gone
         self._check_stop()
         return seq
 
-    def _wake(self) -> None:
-        """Tell the delivery process to push now (close): it may be waiting out a backoff."""
+    def _wake(self, byte: bytes) -> None:
+        """A byte on the delivery process's pipe: look at the spool now (WAKE), or push now whatever
+        the backoff (FLUSH_NOW, from close)."""
         try:
-            os.write(self._wake_fd, FLUSH_NOW)
+            os.write(self._wake_fd, byte)
         except BlockingIOError:
             pass  # the pipe is full of wake-ups it has not read yet
         except OSError:  # EPIPE: it is gone (EBADF: it never started)
@@ -395,7 +399,7 @@ class Publisher:
         if self._control.redis_down:  # waiting would mostly delay the script: the delivery process retries
             budget = min(budget, DOWN_EXIT_FLUSH_S)
         flushed = False
-        self._wake()
+        self._wake(FLUSH_NOW)
         try:
             flushed = self._wait_pushed(last, budget)
         finally:  # on Ctrl-C during the wait too: let go of the spool, the delivery process finishes it

@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import os
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +69,11 @@ def no_drainer_left(tmp_path: Path) -> Iterator[None]:
     waiting for sinks the test never ran) end with the test."""
     yield
     kill_drainers(tmp_path)
+    deadline = time.monotonic() + 10
+    while delivery_processes(tmp_path):  # a delivery process may start a drainer as it dies
+        assert time.monotonic() < deadline, f"processes left below {tmp_path}: {delivery_processes(tmp_path)}"
+        kill_drainers(tmp_path)
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session", autouse=True)

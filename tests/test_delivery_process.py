@@ -79,7 +79,7 @@ def test_the_delivery_process_killed_mid_snapshot_the_next_one_makes_it(
     redis_url, namespace, spool_dir, client, keys, tmp_path
 ):
     ckpt = tmp_path / "last.pt"
-    torch.save({"w": torch.randn(24 << 20 // 4)}, ckpt)  # 24 MB: a copy, a zip check and a hash take a while
+    torch.save({"w": torch.randn((24 << 20) // 4)}, ckpt)  # 24 MB: a copy, a zip check and a hash take a while
     bus = Publisher(redis_url=redis_url, namespace=namespace, spool_dir=spool_dir, run_id="mid-snap")
     wait_for(lambda: bus.delivering, timeout=30)
     held = spool_dir / "mid-snap" / "checkpoints"

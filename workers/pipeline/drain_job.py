@@ -85,6 +85,8 @@ def drain(sink: str, run_id: str) -> str:
         schedule(client, keys, sink, run_id, time.time() + 1.0)
         return "another worker is draining this run; rescheduled"
     try:
+        if client.exists(keys.blocked(sink, run_id)):  # blocked while this job was queued
+            return "blocked until `trainbus failed --requeue`"
         target = make_sink(sink, client, keys, settings)
         queue = queue_for(client, keys, sink)
         deadline = time.monotonic() + JOB_BUDGET_S
