@@ -8,13 +8,14 @@ thread), when a hook runs or ``close()`` waits::
     8     uint8   redis_down: 1 while the last push failed
     9     uint8   stop: 1 once the run was told to stop (the reason is written before it)
     10    uint8   following: 1 once the delivery process follows the spool (snapshots are made)
+    12    uint32  failures: how many pushes failed because Redis could not take them
     16    double  heartbeat: the delivery process's CLOCK_MONOTONIC at its last look at the spool
     24    256 B   the stop reason, UTF-8, NUL-padded
     512   uint32  sample version: odd while the sample below is being rewritten
     516   uint32  sample length
     520   ...     the latest machine-load sample, JSON (see producers/system.py)
 
-Each field has one writer. The pushed seq and the heartbeat only grow, so a reader that
+Each field has one writer. The pushed seq, the failures and the heartbeat only grow, so a reader that
 sees an old value waits a little longer; the sample is guarded by its version (a reader that sees it change
 keeps the previous sample).
 """
@@ -31,7 +32,7 @@ CONTROL_NAME = "control"
 SIZE = 4096
 _PUSHED = struct.Struct("<q")
 _U32 = struct.Struct("<I")
-REDIS_DOWN_AT, STOP_AT, FOLLOWING_AT = 8, 9, 10
+REDIS_DOWN_AT, STOP_AT, FOLLOWING_AT, FAILURES_AT = 8, 9, 10, 12
 _HEARTBEAT = struct.Struct("<d")
 HEARTBEAT_AT = 16
 REASON_AT, REASON_BYTES = 24, 256
@@ -92,6 +93,10 @@ class Control:
         return self._map[FOLLOWING_AT] == 1
 
     @property
+    def failures(self) -> int:
+        return _U32.unpack_from(self._map, FAILURES_AT)[0]
+
+    @property
     def heartbeat(self) -> float:
         return _HEARTBEAT.unpack_from(self._map, HEARTBEAT_AT)[0]
 
@@ -119,6 +124,8 @@ class Control:
 
     def set_redis_down(self, down: bool) -> None:
         self._map[REDIS_DOWN_AT] = 1 if down else 0
+        if down:
+            _U32.pack_into(self._map, FAILURES_AT, (self.failures + 1) & 0xFFFFFFFF)
 
     def set_following(self) -> None:
         self._map[FOLLOWING_AT] = 1

@@ -385,7 +385,8 @@ class Publisher:
 
         The delivery process keeps pushing what is not there by then, after this process has
         exited, so the script ends on time and nothing is lost; when Redis is already known to
-        be down, the wait is at most DOWN_EXIT_FLUSH_S. Returns True when everything was pushed.
+        be down, it ends at the next failed try (asked for at once), at most DOWN_EXIT_FLUSH_S.
+        Returns True when everything was pushed.
         """
         if self._closed:
             return True
@@ -396,12 +397,15 @@ class Publisher:
             self._closed = True
             last = self._writer.next_seq - 1
         budget = self.settings.exit_flush_s if timeout is None else timeout
-        if self._control.redis_down:  # waiting would mostly delay the script: the delivery process retries
+        known_down = self._control.redis_down
+        if known_down:  # waiting would mostly delay the script: the delivery process retries
             budget = min(budget, DOWN_EXIT_FLUSH_S)
+        failures = self._control.failures
+        started = time.monotonic()
         flushed = False
-        self._wake(FLUSH_NOW)
+        self._wake(FLUSH_NOW)  # one more try now, whatever its backoff
         try:
-            flushed = self._wait_pushed(last, budget)
+            flushed = self._wait_pushed(last, budget, failures if known_down else None)
         finally:  # on Ctrl-C during the wait too: let go of the spool, the delivery process finishes it
             self._shut_down()
         if not flushed:
@@ -410,17 +414,19 @@ class Publisher:
                 "run %s: %d events not in Redis after %.1f s; the delivery process keeps pushing them (log: %s)",
                 self.run_id,
                 last - pushed,
-                budget,
+                time.monotonic() - started,
                 self._run.dir.parent / DRAIN_LOG,
             )
         return flushed
 
-    def _wait_pushed(self, seq: int, timeout: float) -> bool:
+    def _wait_pushed(self, seq: int, timeout: float, failures: int | None) -> bool:
+        """Until ``seq`` is in Redis, ``timeout`` passed, or (``failures`` given: Redis was down) another
+        push failed: that try was the one asked for, or one already under way when Redis was down."""
         deadline = time.monotonic() + timeout
         while self._control.pushed < seq:
             if self.delivery is None or self.delivery.poll() is not None:
                 self._restart_delivery()  # it died (or never started): the exit must not lose the rest
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or (failures is not None and self._control.failures != failures):
                 return False
             time.sleep(CLOSE_POLL_S)
         return True
