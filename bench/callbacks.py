@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.procs import DEFAULT_REDIS_URL, percentile, table
 from producers.ultralytics import UltralyticsHooks
 from shared.settings import Settings
-from tests.helpers import yolo_config_dir, yolo_dataset
+from tests.helpers import kill_drainers, yolo_config_dir, yolo_dataset
 
 REDIS_DOWN_URL = "redis://127.0.0.1:1/0"
 ONE_OFF = ("on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_start", "on_train_end", "teardown")
@@ -201,19 +201,21 @@ REAL = textwrap.dedent("""
                 samples[f"{name} | floor: os.stat(last.pt)"].append((time.perf_counter_ns() - t0) / 1000)
         return probe
 
-    model = YOLO("yolov8n.yaml")
+    model = YOLO(sys.argv[5])
     for event, fn in make_callbacks(redis_url=sys.argv[3], console=False).items():
         if event in ("on_train_epoch_end", "on_val_start", "on_model_save", "on_fit_epoch_end"):
             model.add_callback(event, floor(event))
         model.add_callback(event, timed(event, fn))
     model.train(data=sys.argv[1], epochs=int(sys.argv[4]), imgsz=64, batch=4, workers=0, device="cpu", amp=False,
                 project=sys.argv[2], name="bench", exist_ok=True, verbose=False, plots=False)
+    samples["checkpoint MB"] = [os.path.getsize(model.trainer.last) / 1e6]
     print("SAMPLES " + json.dumps(samples))
 """)
 
 
-def real(redis_url: str, epochs: int) -> dict[str, list[float]]:
+def real(redis_url: str, epochs: int, model: str) -> dict[str, list[float]]:
     """Microseconds per call of each callback inside a real tiny YOLO training (a subprocess)."""
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="bench-callbacks-yolo-") as tmp:
         root = Path(tmp)
         data = yolo_dataset(root, images=16)
@@ -223,11 +225,12 @@ def real(redis_url: str, epochs: int) -> dict[str, list[float]]:
             "YOLO_OFFLINE": "1",
             "YOLO_CONFIG_DIR": str(config),
             "TRAINBUS_SPOOL_DIR": str(root / "spool"),
+            "TRAINBUS_NAMESPACE": namespace,
             "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
             "YOLO_SETTINGS_CLEARML": "False",
         }
         out = subprocess.run(
-            [sys.executable, "-c", REAL, str(data), str(root / "runs"), redis_url, str(epochs)],
+            [sys.executable, "-c", REAL, str(data), str(root / "runs"), redis_url, str(epochs), model],
             env=env,
             capture_output=True,
             text=True,
@@ -237,7 +240,10 @@ def real(redis_url: str, epochs: int) -> dict[str, list[float]]:
         line = next((x for x in out.stdout.splitlines() if x.startswith("SAMPLES ")), None)
         if out.returncode or line is None:
             raise SystemExit(f"the YOLO training failed:\n{out.stderr[-3000:]}")
-        return json.loads(line.removeprefix("SAMPLES "))
+        kill_drainers(root)  # Redis down: the delivery process would retry the closed port for a day
+        samples = json.loads(line.removeprefix("SAMPLES "))
+        samples[WINDOW] = snapshot_windows(redis_url, namespace)
+        return samples
 
 
 def rows(case: str, samples: dict[str, list[float]]) -> list[tuple]:
@@ -265,12 +271,20 @@ def main() -> None:
     parser.add_argument("--ckpt-mb", type=float, default=30.0, help="checkpoint size in MB (default 30, yolov8n's)")
     parser.add_argument("--gap-ms", type=float, default=1.0, help="pause between calls (default 1 ms)")
     parser.add_argument("--real", action="store_true", help="time them inside a real tiny YOLO training")
+    parser.add_argument(
+        "--model", default="yolov8n.yaml", help="with --real: yolov8n.yaml (30 MB checkpoints), yolov8m.yaml, ..."
+    )
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     args = parser.parse_args()
     redis.Redis.from_url(args.redis_url, socket_connect_timeout=2).ping()
     if args.real:
-        cases = {"real YOLO, Redis up": real(args.redis_url, args.epochs)}
-        what = f"a real tiny YOLO training, {args.epochs} epochs, CPU"
+        cases = {
+            "real YOLO, Redis up": real(args.redis_url, args.epochs, args.model),
+            "real YOLO, Redis unreachable": real(REDIS_DOWN_URL, args.epochs, args.model),
+        }
+        size = cases["real YOLO, Redis up"].pop("checkpoint MB")[0]
+        cases["real YOLO, Redis unreachable"].pop("checkpoint MB")
+        what = f"a real tiny {args.model} training, {args.epochs} epochs, CPU, {size:.0f} MB checkpoints"
     else:
         cases = {
             "Redis up": stand_in(args.redis_url, args.epochs, args.ckpt_mb, args.gap_ms / 1000),
@@ -288,7 +302,7 @@ def main() -> None:
         if (w := samples.get(WINDOW))
     ]
     if windows:
-        print(f"\nfrom a checkpoint's hook to the end of its snapshot's copy ({args.ckpt_mb:g} MB)")
+        print("\nfrom a checkpoint's hook to the end of its snapshot's copy")
         print(table(("case", "checkpoints", "p50 ms", "max ms"), windows))
     print("\none-off calls")
     print(table(("case", "callback", "ms"), [r for case, samples in cases.items() for r in one_offs(case, samples)]))

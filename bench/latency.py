@@ -12,7 +12,7 @@ Everything runs on this machine, so the hook's time.time(), Redis' clock (stream
 and the HUB server's time.time() are one clock.
 
 Rows (p50, p99 and max over the events):
-  hook -> stream   from the hook call to the entry's XADD: the spool, the flusher thread's
+  hook -> stream   from the hook call to the entry's XADD: the spool, the delivery process's
                    wake-up and its pipelined push (the stream id has whole milliseconds, so
                    this reads up to 1 ms low; below 1 ms it can be negative)
   stream -> HUB    from the XADD to HUB's receipt: the dispatcher's read (it blocks 100 ms at

@@ -9,7 +9,7 @@ the range over the repeats:
   producer: hook calls          one Publisher, --events metrics() calls back to back: the rate
                                 the training thread can hand events off at
   producer: into the stream     the same calls, timed from the first call until the run's
-                                ``pushed`` seq (advanced by the flusher's pipelined XADD script,
+                                ``pushed`` seq (advanced by the delivery process's pipelined XADD script,
                                 Keys.producer) reaches the last event: events/s landing in Redis
   dispatcher (--burst)          --events fit_epoch events prefilled across --runs runs while no
                                 dispatcher runs, then ``trainbus dispatch --burst``; timed by polling
@@ -70,7 +70,7 @@ def producer(redis_url: str, events: int) -> tuple[float, float]:
 
 
 def prefill(stack: Stack, runs: int, events_of: Callable[[int], Events]) -> tuple[int, bytes]:
-    """XADD every run's events as its flusher would have, runs interleaved. Returns (count, last id)."""
+    """XADD every run's events as its delivery process would have, runs interleaved. Returns (count, last id)."""
     per_run = [events_of(i) for i in range(runs)]
     count, last = 0, b""
     pipe = stack.client.pipeline(transaction=False)

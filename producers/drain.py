@@ -1,16 +1,17 @@
 """Pushing spools that no training process is pushing any more, and clearing their snapshots.
 
-Three callers: the detached drainer a producer starts at exit when its bounded flush did
-not finish or its run still holds checkpoint snapshots (or at start, for spools a killed
-process left behind); ``trainbus spool replay``; and tests. A run is pushed only by whoever
-holds its pusher lock, so a drainer and a restarted producer of the same run never push at
-the same time; a drainer waits for a lock held by a process that is exiting.
+Callers: the detached drainer a delivery process starts for spools that killed processes
+(and their delivery processes) left behind, or for other runs' snapshots waiting for sinks;
+``trainbus spool replay``; the delivery process itself, which waits for sinks the same way
+once its run is delivered; and tests. A run is pushed only by whoever holds its pusher
+lock, so a drainer and a delivery process of the same run never push at the same time.
 
-The detached drainer then stays while snapshots in its spool wait for sinks to finish
-their runs (``producers/retention.py``), one such drainer per spool directory.
+A drainer then stays while snapshots in its spool wait for sinks to finish their runs
+(``producers/retention.py``), one such process per spool directory.
 
-Run as ``python -m producers.drain`` (what the producer spawns); the Redis URL comes from
-the environment, never the command line, so a password does not show in ``ps``.
+Run as ``python -m producers.drain`` (a delivery process starts it through ``ENTRY``); the
+Redis URL comes from the environment, never the command line, so a password does not show
+in ``ps``.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ CHECKPOINT_FIELDS: dict[str, type | tuple[type, ...]] = {
     "label": str,
     "stamp": dict,
     "error": str,
-    "path": str,  # the snapshot, added by the flusher with its sha256 and size
+    "path": str,  # the snapshot, added by the delivery process with its sha256 and size
     "sha256": str,
     "size": int,
 }

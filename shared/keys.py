@@ -13,7 +13,7 @@ from shared.sinks import SINKS
 
 DEFAULT_NAMESPACE = "trainbus"
 LIVENESS_TTL_S = 30  # a producer silent this long is considered dead
-LIVENESS_REFRESH_S = 10  # how often a live producer's flusher refreshes its key
+LIVENESS_REFRESH_S = 10  # how often a live producer's delivery process refreshes its key
 PUSHED_TTL_S = 7 * 24 * 3600  # how long a replayed spool is still deduplicated
 RUN_STATE_TTL_S = 7 * 24 * 3600  # per-run sink state kept after the run is finished
 
@@ -34,7 +34,7 @@ class Keys:
     def producer(self, run_id: str) -> str:
         """Hash of producer-side state for a run: ``pushed`` = highest seq in the stream.
 
-        The flusher's push script reads and advances it atomically with the XADDs, which
+        The delivery process's push script reads and advances it atomically with the XADDs, which
         makes replaying a spool harmless: entries at or below ``pushed`` are skipped.
         """
         return f"{self.namespace}:run:{run_id}:producer"
@@ -48,7 +48,7 @@ class Keys:
         return f"{self.namespace}:run:{run_id}:stop"
 
     def alive(self, run_id: str) -> str:
-        """Liveness key refreshed by the producer's flusher with a short TTL."""
+        """Liveness key refreshed by the producer's delivery process with a short TTL."""
         return f"{self.namespace}:run:{run_id}:alive"
 
     # -- dispatcher and workers ------------------------------------------------------------

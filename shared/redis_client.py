@@ -1,7 +1,7 @@
 """The one way trainbus connects to Redis, with the timeouts each kind of process needs.
 
 Every client trainbus builds comes from :func:`connect`, so no call can hang: a producer's
-flusher gives up on a socket within seconds (its events stay in the spool), a worker waits
+delivery process gives up on a socket within seconds (its events stay in the spool), a worker waits
 longer (a large pipeline reply), a one-shot command answers or says Redis is not there.
 :data:`REDIS_UNAVAILABLE` is what "Redis cannot take this now" looks like, everywhere: the
 caller keeps what it has and retries with backoff.

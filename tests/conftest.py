@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
-import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +14,7 @@ import pytest
 import redis
 
 from shared.keys import Keys
+from tests.helpers import delivery_processes, kill_drainers
 from workers.devstack.embedded_redis import RedisServer
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -36,31 +35,6 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
-
-
-def delivery_processes(below: Path) -> list[int]:
-    """Pids of the delivery processes and drainers whose spool directory lies below ``below``."""
-    base = str(below).encode()
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError, ValueError):
-            args = cmdline.read_bytes().split(b"\0")
-            ours = any(b"producers.drain" in a or b"producers.delivery" in a for a in args)
-            if ours and any(a.startswith(base) for a in args) and _running(cmdline.parent / "stat"):
-                found.append(int(cmdline.parent.name))
-    return found
-
-
-def _running(stat: Path) -> bool:
-    """Not a zombie (one the test's own Popen has not reaped yet is dead all the same)."""
-    return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def kill_drainers(below: Path) -> None:
-    """SIGKILL every delivery process and drainer whose spool directory lies below ``below``."""
-    for pid in delivery_processes(below):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(autouse=True)

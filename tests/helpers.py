@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,3 +59,28 @@ def yolo_config_dir(root: Path) -> Path:
     config.mkdir(exist_ok=True)
     shutil.copy(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf", config / "Arial.ttf")
     return config
+
+
+def delivery_processes(below: Path) -> list[int]:
+    """Pids of the delivery processes and drainers whose spool directory lies below ``below``."""
+    base = str(below).encode()
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError, ValueError):
+            args = cmdline.read_bytes().split(b"\0")
+            ours = any(b"producers.drain" in a or b"producers.delivery" in a for a in args)
+            if ours and any(a.startswith(base) for a in args) and _running(cmdline.parent / "stat"):
+                found.append(int(cmdline.parent.name))
+    return found
+
+
+def _running(stat: Path) -> bool:
+    """Not a zombie (one the test's own Popen has not reaped yet is dead all the same)."""
+    return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def kill_drainers(below: Path) -> None:
+    """SIGKILL every delivery process and drainer whose spool directory lies below ``below``."""
+    for pid in delivery_processes(below):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)

@@ -20,8 +20,8 @@ import torch
 
 from producers import Publisher
 from shared.checksum import sha256_of
-from tests.conftest import delivery_processes, stream_events
-from tests.helpers import wait_for
+from tests.conftest import stream_events
+from tests.helpers import delivery_processes, wait_for
 from tests.proxy import DelayProxy
 
 ROOT = Path(__file__).resolve().parents[1]

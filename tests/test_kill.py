@@ -13,8 +13,8 @@ import redis
 
 from producers import Publisher
 from shared.keys import Keys
-from tests.conftest import delivery_processes, kill_drainers, stream_events
-from tests.helpers import wait_for
+from tests.conftest import stream_events
+from tests.helpers import delivery_processes, kill_drainers, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -96,7 +96,7 @@ def test_a_full_redis_refuses_events_they_wait_in_the_spool(own_redis, namespace
     wait_for(lambda: said in (spool_dir / "drain.log").read_text(), timeout=10)  # the delivery process's log
     assert client.xlen(Keys(namespace).events) == 0
     client.config_set("maxmemory", "0")  # the operator gives Redis room
-    bus.close(timeout=30)  # Redis was known full: the drainer delivers, if the flusher did not
+    bus.close(timeout=30)  # Redis was known full: the delivery process delivers it
     wait_for(lambda: client.xlen(Keys(namespace).events) == 52, timeout=30)
     seqs = [e["seq"] for e in stream_events(client, Keys(namespace))]
     assert seqs == list(range(52)), "the session, every metrics event and the run_end, once, in order"
@@ -131,7 +131,7 @@ from producers import Publisher
 url, ns, spool, redis_pid = sys.argv[1:5]
 bus = Publisher(redis_url=url, namespace=ns, spool_dir=spool, run_id="ctrl-c", exit_flush_s=30)
 bus.metrics(0, {"loss": 1})
-time.sleep(0.5)  # pushed: Redis is up as far as the flusher knows
+time.sleep(0.5)  # pushed: Redis is up as far as the delivery process knows
 os.kill(int(redis_pid), signal.SIGSTOP)  # now it hangs: the next push waits for its socket timeout
 bus.metrics(1, {"loss": 1})
 threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()

@@ -117,3 +117,17 @@ def test_checkpoint_events_carry_a_verified_snapshot_and_old_ones_are_pruned(
     assert len(kept) == 3, kept  # newest last (epoch 7), newest best (epoch 5), the final
     assert os.path.basename(final["path"]) in kept
     assert sha256(spool_dir / "ck" / "checkpoints" / os.path.basename(final["path"])) == final["sha256"]
+
+
+def test_one_read_checks_every_member_and_hashes(tmp_path):
+    """Stored members (torch.save) are CRC-checked in the same read as the sha256."""
+    src = tmp_path / "last.pt"
+    torch.save({"a": torch.randn(300_000), "b": torch.randn(700_000)}, src)  # members across 1 MiB chunks
+    result = take_snapshot(src, Stamp.of(src), tmp_path / "ok.pt")
+    assert result["sha256"] == sha256(src)
+    data = bytearray(src.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside a tensor's bytes: size and structure unchanged
+    src.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match="fails its CRC check"):
+        take_snapshot(src, Stamp.of(src), tmp_path / "bad.pt")
+    assert not list(tmp_path.glob("*.part"))
