@@ -34,7 +34,7 @@ from pathlib import Path
 import orjson
 
 from producers.control import Control
-from producers.drain import DRAIN_LOG, DRAINER_GIVE_UP_S, ENTRY, pending_runs, spawn_drainer, wait_for_sinks
+from producers.drain import DRAINER_GIVE_UP_S, ENTRY, pending_runs, spawn_detached, spawn_drainer, wait_for_sinks
 from producers.pusher import Pusher
 from producers.snapshot import Snapshotter
 from producers.spool import RunSpool, prepare_spare, run_dirs
@@ -261,39 +261,10 @@ class Delivery:
 def spawn_delivery(
     run: RunSpool, settings: Settings, wake_fd: int, from_seq: int, *, system: bool = False
 ) -> subprocess.Popen:
-    """Start the delivery process of a run; it reads wake-ups from ``wake_fd`` (a pipe's read end).
-
-    Its own session, so a Ctrl-C of the training stops the training, not the delivery; its log
-    goes to the spool root's drain.log.
-    """
-    env = dict(
-        os.environ,
-        TRAINBUS_REDIS_URL=settings.redis_url,
-        TRAINBUS_NAMESPACE=settings.namespace,
-        TRAINBUS_SNAPSHOT_RETENTION_H=repr(settings.snapshot_retention_h),
-    )
-    root = run.dir.parent
-    args = [
-        sys.executable,
-        "-c",
-        ENTRY.format(module="producers.delivery"),
-        "--spool-dir",
-        str(root),
-        "--run-id",
-        run.run_id,
-    ]
+    """Start the delivery process of a run; it reads wake-ups from ``wake_fd`` (a pipe's read end)."""
+    args = [ENTRY.format(module="producers.delivery"), "--spool-dir", str(run.dir.parent), "--run-id", run.run_id]
     args += ["--wake-fd", str(wake_fd), "--from-seq", str(from_seq), *(["--system"] if system else [])]
-    with open(root / DRAIN_LOG, "ab") as logfile:
-        return subprocess.Popen(
-            args,
-            pass_fds=(wake_fd,),
-            stdin=subprocess.DEVNULL,
-            stdout=logfile,
-            stderr=logfile,
-            start_new_session=True,
-            env=env,
-            cwd=str(root),
-        )
+    return spawn_detached(run.dir.parent, settings, args, pass_fds=(wake_fd,))
 
 
 def _yield_to_training() -> None:

@@ -154,6 +154,12 @@ def wait_for_sinks(root: Path, redis_url: str, keys: Keys, retention_s: float, d
 
 def spawn_drainer(root: Path, settings: Settings, run_ids: list[str]) -> subprocess.Popen:
     """Start a detached drainer that outlives this process; its log is in the spool root."""
+    return spawn_detached(root, settings, [ENTRY.format(module="producers.drain"), "--spool-dir", str(root), *run_ids])
+
+
+def spawn_detached(root: Path, settings: Settings, args: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    """``python -c ARGS...`` in its own session (a Ctrl-C of the training does not reach it), logging to
+    the spool root's drain.log; the Redis URL goes in its environment, never on its command line."""
     env = dict(
         os.environ,
         TRAINBUS_REDIS_URL=settings.redis_url,
@@ -163,7 +169,8 @@ def spawn_drainer(root: Path, settings: Settings, run_ids: list[str]) -> subproc
     root.mkdir(parents=True, exist_ok=True)
     with open(root / DRAIN_LOG, "ab") as logfile:
         return subprocess.Popen(
-            [sys.executable, "-c", ENTRY.format(module="producers.drain"), "--spool-dir", str(root), *run_ids],
+            [sys.executable, "-c", *args],
+            pass_fds=pass_fds,
             stdin=subprocess.DEVNULL,
             stdout=logfile,
             stderr=logfile,

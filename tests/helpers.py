@@ -84,3 +84,14 @@ def kill_drainers(below: Path) -> None:
     for pid in delivery_processes(below):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
+
+
+def producer_env(redis_url: str, namespace: str, spool_dir: Path) -> dict[str, str]:
+    """The environment of a training process started by a test (the repo importable)."""
+    return dict(
+        os.environ,
+        TRAINBUS_REDIS_URL=redis_url,
+        TRAINBUS_NAMESPACE=namespace,
+        TRAINBUS_SPOOL_DIR=str(spool_dir),
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )

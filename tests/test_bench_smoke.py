@@ -51,7 +51,7 @@ def test_training_benchmark_runs(redis_url, mlflow_uri):
         "in-process MLflow",  # its rows, or the note that mlflow is not installed
     ):
         assert case in stdout
-    assert "goal, trainbus within 1%" in stdout
+    assert "goal, trainbus >= " in stdout
 
 
 def test_callbacks_benchmark_runs(redis_url):

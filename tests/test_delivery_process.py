@@ -6,7 +6,6 @@ Real processes, a real Redis, a delaying TCP proxy where a push must be slow eno
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import torch
 from producers import Publisher
 from shared.checksum import sha256_of
 from tests.conftest import stream_events
-from tests.helpers import delivery_processes, wait_for
+from tests.helpers import delivery_processes, producer_env, wait_for
 from tests.proxy import DelayProxy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,13 +130,7 @@ print("closed", bus.close(timeout=30), flush=True)
 
 
 def test_forked_children_neither_write_the_spool_nor_end_the_run(redis_url, namespace, spool_dir, client, keys):
-    env = dict(
-        os.environ,
-        TRAINBUS_REDIS_URL=redis_url,
-        TRAINBUS_NAMESPACE=namespace,
-        TRAINBUS_SPOOL_DIR=str(spool_dir),
-        PYTHONPATH=str(ROOT),
-    )
+    env = producer_env(redis_url, namespace, spool_dir)
     out = subprocess.run(
         [sys.executable, "-c", FORKING_TRAINING], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
     )

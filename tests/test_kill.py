@@ -14,19 +14,13 @@ import redis
 from producers import Publisher
 from shared.keys import Keys
 from tests.conftest import stream_events
-from tests.helpers import delivery_processes, kill_drainers, wait_for
+from tests.helpers import delivery_processes, kill_drainers, producer_env, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_child(run_id: str, count: int, redis_url: str, namespace: str, spool_dir: Path, *flags: str):
-    env = dict(
-        os.environ,
-        TRAINBUS_REDIS_URL=redis_url,
-        TRAINBUS_NAMESPACE=namespace,
-        TRAINBUS_SPOOL_DIR=str(spool_dir),
-        PYTHONPATH=str(ROOT),
-    )
+    env = producer_env(redis_url, namespace, spool_dir)
     return subprocess.Popen(
         [sys.executable, "-m", "tests.producer_child", run_id, str(count), *flags],
         stdout=subprocess.PIPE,
