@@ -20,7 +20,7 @@ from producers import Publisher
 from shared.keys import Keys
 from tests.clearml_server import ACCESS_KEY, SECRET_KEY
 from tests.helpers import children, wait_for
-from workers.pipeline.rq_worker import worker_command
+from workers.pipeline.rq_worker import worker_command, worker_env
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "k" * 42
@@ -139,10 +139,8 @@ class Pipeline:
         self.redis_url = redis_url
         self.namespace = namespace
         self.env = dict(
-            os.environ,
+            worker_env(os.environ, redis_url),
             PYTHONPATH=str(ROOT),
-            TRAINBUS_REDIS_URL=redis_url,
-            RQ_REDIS_URL=redis_url,
             TRAINBUS_NAMESPACE=namespace,
             TRAINBUS_HUB_API_URL=hub.url if hub else "http://127.0.0.1:1",
             TRAINBUS_HUB_API_KEY=API_KEY,
@@ -162,7 +160,7 @@ class Pipeline:
 
     def worker(self, sink: str = "hub") -> subprocess.Popen:
         """``rq worker`` for a sink's queue: forking for hub-uploads, SimpleWorker for clearml."""
-        return self._start(worker_command(Keys(self.namespace).queue(sink), sink))
+        return self._start(worker_command(Keys(self.namespace).queue(sink)))
 
     def cli(self, *args: str, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run(

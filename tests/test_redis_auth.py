@@ -162,7 +162,7 @@ def test_a_pickled_job_is_refused_not_unpickled(redis_url, namespace, keys, tmp_
     assert pickle.loads(pickle.dumps(Boom(str(tmp_path / "control")))) is not None  # the payload does work
     (tmp_path / "control").unlink()
     worker = subprocess.run(
-        [*worker_command(keys.queue("hub"), "hub"), "--burst"],
+        [*worker_command(keys.queue("hub")), "--burst"],
         env=worker_env(os.environ, redis_url),
         cwd=ROOT,
         capture_output=True,

@@ -89,7 +89,7 @@ def test_bad_worker_values_name_the_variable(variable, value, message):
 def test_workers_and_dispatchers_refuse_to_start_on_a_bad_setting(redis_url):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRAINBUS_RATE_CKPT": "-1", "TRAINBUS_NAMESPACE": "test-bad-setting"}
     for command in (
-        worker_command("test-bad-setting.hub-uploads", "hub"),
+        worker_command("test-bad-setting.hub-uploads"),
         [sys.executable, "-m", "workers.ops.cli", "dispatch"],
     ):
         out = subprocess.run(

@@ -19,7 +19,7 @@ def test_an_idle_worker_stops_on_a_signal(redis_url, namespace, client, sig):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRAINBUS_NAMESPACE": namespace, "TRAINBUS_REDIS_URL": redis_url}
     queue = f"{namespace}.hub-uploads"
     proc = subprocess.Popen(
-        worker_command(queue, "hub"),
+        worker_command(queue),
         env=worker_env(env, redis_url),
         cwd=ROOT,
         stdout=subprocess.PIPE,

@@ -166,7 +166,7 @@ def start_stack(stack: Stack, args: argparse.Namespace) -> None:
     keys = Keys(stack.namespace)
     commands = {
         "dispatcher": [sys.executable, "-m", "workers.ops.cli", "dispatch"],
-        **{f"worker-{sink}": worker_command(keys.queue(sink), sink) for sink in stack.sinks},
+        **{f"worker-{sink}": worker_command(keys.queue(sink)) for sink in stack.sinks},
     }
     for name, command in commands.items():
         with open(logs / f"{name}.log", "wb") as log:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,13 +25,14 @@ from shared.errors import SettingsError
 from shared.keys import RUN_STATE_TTL_S, Keys
 from shared.redis_client import COMMAND, REDIS_UNAVAILABLE, WORKER, connect
 from shared.settings import Settings, WorkerSettings, redact_url
+from shared.sinks import SINKS
 from workers.devstack import demo
 from workers.ops.exporter import RedisCollector
 from workers.ops.failed import failed_drains, requeue_failed
 from workers.ops.status import format_status, pipeline_status
 from workers.pipeline.dispatch import Dispatcher
 from workers.pipeline.groups import drop, groups
-from workers.pipeline.rq_worker import show_trainbus_logs
+from workers.pipeline.rq_worker import show_trainbus_logs, worker_command, worker_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="trim what every group acknowledged from the stream this often (default 30)",
     )
     dispatch.set_defaults(func=run_dispatch)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run the RQ worker of a sink (`rq worker <its queue>` with trainbus's worker class)",
+        description="The same as `RQ_WORKER_CLASS=workers.pipeline.rq_worker.SinkWorker rq worker QUEUE` "
+        "with the sink's queue (in TRAINBUS_NAMESPACE) and RQ_REDIS_URL from TRAINBUS_REDIS_URL; "
+        "further arguments go to `rq worker` (e.g. --burst).",
+    )
+    worker.add_argument("sink", choices=sorted(SINKS), help="the sink whose queue to serve")
+    worker.add_argument("rq_args", nargs=argparse.REMAINDER, help="passed on to `rq worker`")
+    worker.set_defaults(func=run_worker)
 
     demo.add_parser(commands)
 
@@ -236,6 +249,14 @@ def spool_replay(args: argparse.Namespace) -> int:
         return 1
     print(f"done: {report.pushed} events pushed; {len(report.runs_done)} run(s) fully delivered")
     return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Replace this process with ``rq worker``: signals and exit status are RQ's own."""
+    settings = WorkerSettings.from_env()
+    command = [*worker_command(Keys(settings.namespace).queue(args.sink)), *args.rq_args]
+    os.execve(sys.executable, command, worker_env(os.environ, os.environ.get("RQ_REDIS_URL", settings.redis_url)))
+    return 1  # not reached
 
 
 def run_dispatch(args: argparse.Namespace) -> int:

@@ -1,9 +1,14 @@
-"""The RQ worker classes trainbus runs: ``rq worker hub-uploads -w workers.pipeline.rq_worker.Worker ...``.
+"""The RQ worker classes trainbus runs: ``rq worker hub-uploads`` with RQ_WORKER_CLASS set.
+
+``RQ_WORKER_CLASS=workers.pipeline.rq_worker.SinkWorker`` (the image sets it; ``trainbus worker
+SINK`` does too) makes the plain command right for every sink: it picks the forking worker or
+the in-process one by the queue's sink, reads jobs as JSON (a pickled payload fails to decode,
+it is never unpickled) and takes trainbus's heartbeat and maintenance intervals, unless they
+are given on the command line.
 
 RQ's work loop quits on any unexpected Redis error (a Redis restart, a failover), which
-leaves a queue without a worker until something restarts the process. This worker waits
-for Redis to answer again and re-enters the loop. (Jobs are JSON: with
-``-S rq.serializers.JSONSerializer`` a pickled payload fails to decode, it is never unpickled.)
+leaves a queue without a worker until something restarts the process. These workers wait
+for Redis to answer again and re-enter the loop.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Any
 
 import redis
 import rq
+from rq.defaults import DEFAULT_JOB_MONITORING_INTERVAL, DEFAULT_MAINTENANCE_TASK_INTERVAL, DEFAULT_WORKER_TTL
+from rq.serializers import DefaultSerializer, JSONSerializer, resolve_serializer
 
 from shared.backoff import compute_backoff
 from shared.errors import SettingsError
@@ -34,14 +41,36 @@ for _entry in SINKS.values():
 
 log = logging.getLogger("trainbus.worker")
 
+# A SIGKILLed job is found abandoned only by another worker's maintenance pass; these make it
+# minutes sooner than RQ's defaults (the dispatcher's sweep redoes the work sooner still).
+OURS = {"worker_ttl": 30, "maintenance_interval": 5, "job_monitoring_interval": 5}
+RQ_DEFAULTS = {
+    "worker_ttl": DEFAULT_WORKER_TTL,
+    "maintenance_interval": DEFAULT_MAINTENANCE_TASK_INTERVAL,
+    "job_monitoring_interval": DEFAULT_JOB_MONITORING_INTERVAL,
+}
+
 
 class OutlivesRedisRestarts:
-    """Mixed into RQ's worker classes: wait for Redis and re-enter the loop instead of exiting."""
+    """Mixed into RQ's worker classes: trainbus's defaults, and wait for Redis and re-enter the loop
+    instead of exiting."""
 
     connection: redis.Redis
     name: str
     _stop_requested: bool
     _shutdown_requested_date: object | None  # set by RQ on SIGINT/SIGTERM, busy or idle
+
+    def __init__(self, queues: Any, *args: Any, **kwargs: Any) -> None:
+        """JSON jobs, and OURS for each interval left at RQ's default (``rq worker QUEUE`` as typed)."""
+        if resolve_serializer(kwargs.get("serializer")) is DefaultSerializer:
+            kwargs["serializer"] = JSONSerializer
+            for queue in queues if isinstance(queues, (list, tuple)) else [queues]:
+                if isinstance(queue, rq.Queue):
+                    queue.serializer = resolve_serializer(JSONSerializer)
+        for name, ours in OURS.items():
+            if kwargs.get(name) in (None, RQ_DEFAULTS[name]):
+                kwargs[name] = ours
+        super().__init__(queues, *args, **kwargs)  # type: ignore[call-arg]
 
     def work(self, burst: bool = False, *args: Any, **kwargs: Any) -> bool:
         show_trainbus_logs()
@@ -87,32 +116,38 @@ class SimpleWorker(OutlivesRedisRestarts, rq.SimpleWorker):
     worker process between jobs (a forked horse would lose what the SDK had not sent)."""
 
 
-# A SIGKILLed job is found abandoned only by another worker's maintenance pass; these make it
-# minutes sooner than RQ's defaults (the dispatcher's sweep redoes the work sooner still).
-WORKER_FLAGS = (
-    "-S",
-    "rq.serializers.JSONSerializer",
-    "--worker-ttl",
-    "30",
-    "--maintenance-interval",
-    "5",
-    "--job-monitoring-interval",
-    "5",
-)
+class SinkWorker(Worker):
+    """RQ_WORKER_CLASS for any trainbus queue: this forking worker, or a :class:`SimpleWorker` when the
+    queue's sink keeps state in the worker process (``shared/sinks.py``)."""
+
+    def __new__(cls, queues: Any, *args: Any, **kwargs: Any) -> Worker | SimpleWorker:
+        names = [str(getattr(q, "name", q)) for q in (queues if isinstance(queues, (list, tuple)) else [queues])]
+        if any((sink := _sink_of(name)) is not None and SINKS[sink].worker != FORKING for name in names):
+            return SimpleWorker(queues, *args, **kwargs)  # not a SinkWorker: Python does not init it again
+        return super().__new__(cls)
 
 
-def worker_command(queue: str, sink: str) -> list[str]:
-    """The documented ``rq worker`` command for a sink's queue (as in docker-compose.yml).
+def _sink_of(queue: str) -> str | None:
+    """The sink whose queue this is (``hub-uploads``, or ``<namespace>.hub-uploads``)."""
+    return next((name for name, entry in SINKS.items() if queue.rpartition(".")[2] == entry.queue), None)
 
-    Redis comes from ``RQ_REDIS_URL`` in the environment (see :func:`worker_env`), not ``-u``:
-    a password on a command line shows in ``ps``.
+
+WORKER_CLASS = "workers.pipeline.rq_worker.SinkWorker"
+
+
+def worker_command(queue: str) -> list[str]:
+    """The documented ``rq worker QUEUE`` (as in docker-compose.yml), with :func:`worker_env`.
+
+    Redis comes from ``RQ_REDIS_URL`` in the environment, not ``-u``: a password on a command
+    line shows in ``ps``.
     """
-    return [sys.executable, "-m", "rq.cli", "worker", queue, "-w", SINKS[sink].worker, *WORKER_FLAGS]
+    return [sys.executable, "-m", "rq.cli", "worker", queue]
 
 
 def worker_env(env: Mapping[str, str], redis_url: str) -> dict[str, str]:
-    """``env`` with the Redis URL where both RQ (``RQ_REDIS_URL``) and trainbus read it."""
-    return {**env, "RQ_REDIS_URL": redis_url, "TRAINBUS_REDIS_URL": redis_url}
+    """``env`` with the Redis URL where both RQ (``RQ_REDIS_URL``) and trainbus read it, and
+    trainbus's worker class where ``rq worker`` reads it."""
+    return {**env, "RQ_REDIS_URL": redis_url, "TRAINBUS_REDIS_URL": redis_url, "RQ_WORKER_CLASS": WORKER_CLASS}
 
 
 def show_trainbus_logs(level: int = logging.INFO) -> None:
