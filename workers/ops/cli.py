@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -251,6 +252,11 @@ def spool_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (``docker compose stop``) stops like Ctrl-C: the batch in hand finishes, exit status 0."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def run_worker(args: argparse.Namespace) -> int:
     """Replace this process with ``rq worker``: signals and exit status are RQ's own."""
     settings = WorkerSettings.from_env()
@@ -269,6 +275,7 @@ def run_dispatch(args: argparse.Namespace) -> int:
         f"to {', '.join(settings.sinks)}",
         flush=True,
     )
+    stop_on_sigterm()
     try:
         stats = dispatcher.run(burst=args.burst)
     except KeyboardInterrupt:
@@ -286,6 +293,7 @@ def serve_metrics(args: argparse.Namespace) -> int:
     start_http_server(args.port, addr=args.host)
     print(f"serving trainbus metrics on http://{args.host}:{args.port}/metrics", flush=True)
     try:
+        stop_on_sigterm()
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
