@@ -29,7 +29,7 @@ import requests
 from producers import Publisher
 from shared.keys import Keys
 from tests.helpers import children
-from workers.pipeline.rq_worker import worker_command
+from workers.pipeline.rq_worker import worker_command, worker_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -130,10 +130,8 @@ class Stack:
         self.publishers: list[Publisher] = []
         self.names: dict[int, str] = {}  # pid -> name of its log file
         self.env = {
-            **os.environ,
+            **worker_env(os.environ, redis_url),
             "PYTHONPATH": str(ROOT),
-            "TRAINBUS_REDIS_URL": redis_url,
-            "RQ_REDIS_URL": redis_url,
             "TRAINBUS_NAMESPACE": self.namespace,
             "TRAINBUS_HUB_API_URL": self.hub.url,
             "TRAINBUS_HUB_API_KEY": API_KEY,
@@ -164,7 +162,7 @@ class Stack:
     def worker(self) -> subprocess.Popen:
         """``rq worker <ns>.hub-uploads`` as documented, named after the namespace (for cleanup)."""
         name = f"{self.namespace}-w{len(self.procs)}"
-        return self._start([*worker_command(self.queue, "hub"), "-n", name], name)
+        return self._start([*worker_command(self.queue), "-n", name], name)
 
     def output(self, proc: subprocess.Popen) -> str:
         """What a process of this stack printed (stdout and stderr)."""
