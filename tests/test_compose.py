@@ -47,8 +47,10 @@ def test_the_stack_has_what_it_needs():
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     for name, service in services.items():
         assert service.get("restart") == ("no" if name == "demo" else "unless-stopped"), name
+    assert services["dispatcher"]["healthcheck"]["test"] == ["CMD", "trainbus", "status", "--json"]
+    for name, sink in (("platform", "platform"), ("hub-uploads", "hub"), ("clearml", "clearml"), ("mlflow", "mlflow")):
+        assert services[name]["healthcheck"]["test"] == ["CMD", "trainbus", "health", sink], "its own heartbeat"
     for name in ("dispatcher", "hub-uploads", "clearml", "mlflow"):
-        assert services[name]["healthcheck"]["test"] == ["CMD", "trainbus", "status", "--json"]
         assert "run-data:/data" in services[name]["volumes"], "workers read run files from the shared volume"
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
         assert services[name]["env_file"] == [{"path": ".env", "required": False}]

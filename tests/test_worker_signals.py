@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -35,3 +36,17 @@ def test_an_idle_worker_stops_on_a_signal(redis_url, namespace, client, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_trainbus_health_is_true_while_this_hosts_worker_heartbeats(redis_url, namespace, client):
+    """The compose healthcheck of a worker container: registered and heartbeating, from this host."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRAINBUS_NAMESPACE": namespace, "TRAINBUS_REDIS_URL": redis_url}
+    health = [sys.executable, "-m", "workers.ops.cli", "health", "hub"]
+    before = subprocess.run(health, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert before.returncode == 1 and "none registered" in before.stderr
+    proc = subprocess.Popen(worker_command(f"{namespace}.hub-uploads"), env=worker_env(env, redis_url), cwd=ROOT)
+    try:
+        wait_for(lambda: subprocess.run(health, env=env, cwd=ROOT, capture_output=True, timeout=60).returncode == 0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)

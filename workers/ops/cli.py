@@ -11,12 +11,15 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import orjson
 import redis
+import rq
 from prometheus_client import REGISTRY, start_http_server
 
 from producers.drain import drain, pending_runs
@@ -137,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("rq_args", nargs=argparse.REMAINDER, help="passed on to `rq worker`")
     worker.set_defaults(func=run_worker)
 
+    health = commands.add_parser(
+        "health",
+        help="exit 0 when this host's worker of SINK is registered and heartbeating (a container healthcheck)",
+        description="Healthy: an RQ worker started on this host (its hostname) serves the sink's queue and "
+        "sent a heartbeat within the last --within seconds. Exit 1, saying which, otherwise.",
+    )
+    health.add_argument("sink", choices=sorted(SINKS), help="the sink whose worker to check")
+    health.add_argument("--within", type=float, default=45.0, metavar="S", help="heartbeat age allowed (default 45)")
+    health.set_defaults(func=worker_health)
+
     demo.add_parser(commands)
 
     status = commands.add_parser("status", help="stream lag, pending work per run, queues, failures")
@@ -255,6 +268,23 @@ def spool_replay(args: argparse.Namespace) -> int:
 def stop_on_sigterm() -> None:
     """SIGTERM (``docker compose stop``) stops like Ctrl-C: the batch in hand finishes, exit status 0."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def worker_health(args: argparse.Namespace) -> int:
+    _, client, keys = worker_side()
+    queue = keys.queue(args.sink)
+    host = socket.gethostname()
+    now = datetime.now(timezone.utc)
+    ages = [
+        (now - w.last_heartbeat.replace(tzinfo=w.last_heartbeat.tzinfo or timezone.utc)).total_seconds()
+        for w in rq.Worker.all(connection=client, queue=rq.Queue(queue, connection=client))
+        if w.hostname == host and w.last_heartbeat is not None
+    ]
+    if any(age <= args.within for age in ages):
+        return 0
+    said = f"last heartbeat {min(ages):.0f} s ago" if ages else "none registered"
+    print(f"trainbus: no live worker of queue {queue} on {host} ({said})", file=sys.stderr)
+    return 1
 
 
 def run_worker(args: argparse.Namespace) -> int:
