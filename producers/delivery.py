@@ -201,7 +201,7 @@ class Delivery:
             orphans = [r.run_id for r in pending_runs(root) if r.run_id != self.run.run_id]
             if orphans:
                 log.warning("spool holds undelivered events of %d earlier run(s); starting a drainer", len(orphans))
-            held = any(r.run_id != self.run.run_id and any(os.scandir(r.checkpoint_dir)) for r in run_dirs(root))
+            held = any(r.run_id != self.run.run_id and r.holds_snapshots() for r in run_dirs(root))
             if orphans or held:
                 spawn_drainer(root, self.settings, orphans)
         except OSError as exc:

@@ -156,6 +156,13 @@ class RunSpool:
             last = max(last, int(self._seq_file.read_text().strip() or -1))
         return last
 
+    def holds_snapshots(self) -> bool:
+        """Checkpoint snapshots (or sidecars, partial copies) are still in the run's directory."""
+        try:
+            return any(os.scandir(self.checkpoint_dir))
+        except FileNotFoundError:
+            return False
+
     def drop_spare(self) -> None:
         """Remove the next segment made ahead for a writer that is gone (and any half-made one)."""
         with contextlib.suppress(FileNotFoundError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import redis
 
 from shared.keys import Keys
-from tests.helpers import delivery_processes, kill_drainers
+from tests.helpers import delivery_processes, kill_drainers, wait_for
 from workers.devstack.embedded_redis import RedisServer
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -42,12 +41,12 @@ def no_drainer_left(tmp_path: Path) -> Iterator[None]:
     """Drainers the test's publishers started (for a Redis the test stopped, or for snapshots
     waiting for sinks the test never ran) end with the test."""
     yield
-    kill_drainers(tmp_path)
-    deadline = time.monotonic() + 10
-    while delivery_processes(tmp_path):  # a delivery process may start a drainer as it dies
-        assert time.monotonic() < deadline, f"processes left below {tmp_path}: {delivery_processes(tmp_path)}"
+
+    def none_left() -> bool:  # a delivery process may start a drainer as it dies
         kill_drainers(tmp_path)
-        time.sleep(0.05)
+        return not delivery_processes(tmp_path)
+
+    wait_for(none_left, timeout=10)
 
 
 @pytest.fixture(scope="session", autouse=True)
