@@ -17,7 +17,8 @@ if not d.startswith('torch')))" > /tmp/requirements.txt \
 COPY producers producers
 COPY shared shared
 COPY workers workers
-RUN pip install --no-deps . && useradd --create-home trainbus && mkdir -p /data && chown trainbus /data
+# /data and /clearml are volumes: made here, a new volume takes their owner (else root: the worker cannot write)
+RUN pip install --no-deps . && useradd --create-home trainbus && mkdir -p /data /clearml && chown trainbus /data /clearml
 USER trainbus
 CMD ["trainbus", "--help"]
 

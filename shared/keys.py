@@ -64,6 +64,11 @@ class Keys:
         return f"{self.namespace}:groups:fed"
 
     @property
+    def dispatchers(self) -> str:
+        """Hash consumer (``<hostname>-<pid>``) -> unix time its dispatcher last read every group."""
+        return f"{self.namespace}:dispatchers"
+
+    @property
     def abandoned_groups(self) -> str:
         """Set of consumer groups no dispatcher fed for TRAINBUS_GROUP_ABANDON_H: not waited for."""
         return f"{self.namespace}:groups:abandoned"

@@ -241,6 +241,8 @@ class WorkerSettings:
     group_abandon_h: float = env_field("TRAINBUS_GROUP_ABANDON_H", hours_setting, default=24.0)
     platform_url: str = env_field("TRAINBUS_PLATFORM_URL", http_url_setting, default=DEFAULT_PLATFORM_URL)
     platform_api_key: str | None = env_field("TRAINBUS_PLATFORM_API_KEY", text_setting, default=None, repr=False)
+    # Compose cannot say "this URL unless a key is set": the stack sets this to its devstack's local Platform.
+    platform_dev_url: str | None = env_field("TRAINBUS_PLATFORM_DEV_URL", http_url_setting, default=None)
     platform_project: str | None = env_field("TRAINBUS_PLATFORM_PROJECT", text_setting, default=None)
     platform_timeout_s: float = env_field("TRAINBUS_PLATFORM_TIMEOUT_S", number_setting, default=30.0)
     # The Platform's documented limits, per API key: 100 requests a minute, 10 uploads a minute.
@@ -266,6 +268,13 @@ class WorkerSettings:
     @property
     def group_abandon_s(self) -> float:
         return self.group_abandon_h * 3600
+
+    @property
+    def platform_target(self) -> str:
+        """Where the Platform sink delivers: TRAINBUS_PLATFORM_DEV_URL while no API key is set, if given."""
+        if self.platform_dev_url and not self.platform_api_key:
+            return self.platform_dev_url
+        return self.platform_url
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:

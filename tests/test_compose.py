@@ -47,7 +47,7 @@ def test_the_stack_has_what_it_needs():
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     for name, service in services.items():
         assert service.get("restart") == ("no" if name == "demo" else "unless-stopped"), name
-    assert services["dispatcher"]["healthcheck"]["test"] == ["CMD", "trainbus", "status", "--json"]
+    assert services["dispatcher"]["healthcheck"]["test"] == ["CMD", "trainbus", "health", "dispatcher"]
     for name, sink in (("platform", "platform"), ("hub-uploads", "hub"), ("clearml", "clearml"), ("mlflow", "mlflow")):
         assert services[name]["healthcheck"]["test"] == ["CMD", "trainbus", "health", sink], "its own heartbeat"
     for name in ("dispatcher", "hub-uploads", "clearml", "mlflow"):
@@ -55,6 +55,15 @@ def test_the_stack_has_what_it_needs():
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
         assert services[name]["env_file"] == [{"path": ".env", "required": False}]
     assert ".env" in (ROOT / ".gitignore").read_text().split(), "the secrets file is not committed"
+
+
+def test_the_demo_trains_in_the_stack_and_delivers_to_the_devstack_platform_without_a_key():
+    services = COMPOSE["services"]
+    assert "--stack" in services["demo"]["command"], "in the stack the demo only trains; the stack's workers deliver"
+    assert {"dispatcher", "platform", "clearml", "local-platform"} <= set(services["demo"]["depends_on"])
+    assert "devstack" in services["local-platform"]["profiles"] and "0.0.0.0" in services["local-platform"]["command"]
+    assert services["platform"]["environment"]["TRAINBUS_PLATFORM_DEV_URL"] == "http://local-platform:8788"
+    assert "TRAINBUS_PLATFORM_URL" not in services["platform"]["environment"], "a real key goes to the real Platform"
 
 
 @pytest.mark.parametrize("service", ["dispatcher", "metrics", "demo"])

@@ -1,8 +1,12 @@
 """``docker compose up`` for real (``-m compose``): the stack built and brought up on a Docker
-engine, a training on the host publishing into it, Redis and a worker restarted, a graceful stop,
-a start with Redis's data kept, ``down -v``. Prints the image size and the timings.
+engine with its ``devstack`` local Platform, a training on the host publishing into it, the demo
+trained inside it while Redis and then a worker are restarted (what the local Platform and the
+ClearML offline session received is checked), a graceful stop, a start with Redis's data kept,
+``down -v``. Prints the image sizes and the timings.
 
 Skipped, saying why, when no engine answers (``../shared/tools/docker-env`` starts one here).
+The demo image's torch comes from ``TORCH`` (a pip requirement and options, as the build
+argument), else from docker-env's local wheel server when it answers, else PyTorch's CPU index.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import socket
 import subprocess
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -25,6 +30,9 @@ pytestmark = pytest.mark.compose
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ("redis", "dispatcher", "platform", "hub-uploads", "clearml", "mlflow", "metrics", "rq-dashboard")
+DEVSTACK = (*SERVICES, "local-platform")
+DEMO_EPOCHS = 40
+WHEEL_SERVER = "http://127.0.0.1:8765/"  # ../shared/tools/docker-env serves the CPU torch wheel here
 KILL_WORKER = (  # run inside the container: SIGKILL the rq worker (not this python, whose -c names it too)
     "import os; me = os.getpid(); cmd = lambda p: open(f'/proc/{p}/cmdline', 'rb').read(); "
     "[os.kill(int(p), 9) for p in os.listdir('/proc') if p.isdigit() and int(p) != me and b'bin/rq' in cmd(p)]"
@@ -44,22 +52,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torch_requirement() -> str:
+    if os.environ.get("TORCH"):
+        return os.environ["TORCH"]
+    try:
+        urllib.request.urlopen(WHEEL_SERVER, timeout=2).close()
+        return f"torch==2.13.0 --find-links {WHEEL_SERVER}"
+    except OSError:
+        return "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+
+
 class Stack:
     def __init__(self) -> None:
         self.project = f"tbtest-{uuid.uuid4().hex[:8]}"
-        self.port = free_port()
-        self.env = {**os.environ, "TRAINBUS_REDIS_PORT": str(self.port), "TRAINBUS_SINKS": "platform,clearml"}
+        self.port, self.platform_port = free_port(), free_port()
+        self.env = {
+            **os.environ,
+            "TRAINBUS_REDIS_PORT": str(self.port),
+            "TRAINBUS_LOCAL_PLATFORM_PORT": str(self.platform_port),
+            "TRAINBUS_SINKS": "platform,clearml",
+            "TORCH": torch_requirement(),
+        }
+        for name in ("TRAINBUS_PLATFORM_API_KEY", "TRAINBUS_PLATFORM_URL", "CLEARML_API_ACCESS_KEY"):
+            self.env.pop(name, None)  # the local Platform and ClearML offline, whatever this shell has
 
-    def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    def command(self, *args: str) -> list[str]:
+        return ["docker", "compose", "-p", self.project, "--profile", "devstack", *args]
+
+    def compose(self, *args: str, timeout: float = 300, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
         out = subprocess.run(
-            ["docker", "compose", "-p", self.project, *args],
+            self.command(*args),
             cwd=ROOT,
             env=self.env,
             capture_output=True,
             text=True,
             timeout=timeout,
         )
-        assert out.returncode == 0, f"docker compose {' '.join(args)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        assert out.returncode in ok, f"docker compose {' '.join(args)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
         return out
 
     def states(self) -> dict[str, tuple[str, str, int]]:
@@ -72,7 +101,12 @@ class Stack:
 
     def all_healthy(self) -> bool:
         states = self.states()
-        return all(states.get(s, ("", "", 0))[:2] == ("running", "healthy") for s in SERVICES)
+        return all(states.get(s, ("", "", 0))[:2] == ("running", "healthy") for s in DEVSTACK)
+
+    def platform_models(self) -> list[dict]:
+        url = f"http://127.0.0.1:{self.platform_port}/_control/models"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return json.load(reply)["models"]
 
 
 @pytest.fixture
@@ -81,25 +115,18 @@ def stack():
         pytest.skip("no Docker engine answers (../shared/tools/docker-env installs and starts one)")
     s = Stack()
     yield s
-    subprocess.run(["docker", "compose", "-p", s.project, "down", "-v"], cwd=ROOT, env=s.env, capture_output=True)
+    subprocess.run(s.command("--profile", "demo", "down", "-v"), cwd=ROOT, env=s.env, capture_output=True)
 
 
-def test_the_stack_comes_up_healthy_takes_a_host_training_recovers_and_stops_gracefully(stack, tmp_path, capsys):
+def test_the_stack_comes_up_healthy_delivers_trainings_through_restarts_and_stops_gracefully(stack, tmp_path, capsys):
     timings: dict[str, float] = {}
     started = time.monotonic()
-    stack.compose("build", timeout=1800)
-    timings["build"] = time.monotonic() - started
-    size = int(
-        subprocess.run(
-            ["docker", "image", "inspect", "trainbus:latest", "--format", "{{.Size}}"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
+    stack.compose("--profile", "demo", "build", timeout=1800)
+    timings["build (worker and demo images)"] = time.monotonic() - started
+    sizes = {image: image_size(image) for image in ("trainbus:latest", "trainbus-demo:latest")}
 
     started = time.monotonic()
-    stack.compose("up", "-d", "--wait", *SERVICES)
+    stack.compose("up", "-d", "--wait", *DEVSTACK)
     timings["up --wait (healthy)"] = time.monotonic() - started
     assert stack.all_healthy(), stack.states()
 
@@ -110,45 +137,77 @@ def test_the_stack_comes_up_healthy_takes_a_host_training_recovers_and_stops_gra
         for epoch in range(3):
             bus.metrics(epoch, {"loss": 1.0 / (epoch + 1)})
     wait_for(lambda: _least_read(client) >= 5, timeout=60)  # the dispatcher read the host's 5 events
-
-    # Redis restarted: everything recovers on its own and keeps reading.
     client.set("kept-across-restarts", b"1")
-    started = time.monotonic()
-    stack.compose("restart", "redis")
-    wait_for(stack.all_healthy, timeout=180, interval=1)
-    timings["redis restart -> all healthy"] = time.monotonic() - started
-    with Publisher(redis_url=url, spool_dir=tmp_path / "spool", run_id="after-restart") as bus:
-        bus.metrics(0, {"loss": 0.5})
-    wait_for(lambda: _least_read(client) >= 8, timeout=60)
+    killed = _workers(client, "platform")
 
-    # A worker killed: its restart policy brings it back, registered again.
-    stack.compose("exec", "-T", "platform", "python", "-c", KILL_WORKER)
+    # The demo trains inside the stack; Redis is restarted under it, then the platform worker killed.
     started = time.monotonic()
-    wait_for(
-        lambda: stack.states()["platform"][0] == "running" and _workers(client, "platform"), timeout=120, interval=1
+    demo_command = ["trainbus", "demo", "--stack", "--workdir", "/data/demo", "--epochs", str(DEMO_EPOCHS)]
+    demo = subprocess.Popen(
+        stack.command("--profile", "demo", "run", "--rm", "-T", "demo", *demo_command),
+        cwd=ROOT,
+        env=stack.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
+    output = []
+    for line in demo.stdout:
+        output.append(line)
+        if line.startswith("epoch 3/"):
+            redis_restart = time.monotonic()
+            stack.compose("restart", "redis")
+            timings["redis restart (mid-run)"] = time.monotonic() - redis_restart
+            # 137: the container stops with its worker, and this exec with it, before it returns
+            stack.compose("exec", "-T", "platform", "python", "-c", KILL_WORKER, ok=(0, 137))
+    assert demo.wait(timeout=600) == 0, "".join(output)
+    timings["demo (train + deliver)"] = time.monotonic() - started
+    out = "".join(output)
+    assert "everything delivered" in out, out
+
+    model = next(m for m in stack.platform_models() if m["project"] == "trainbus-demo")
+    run = model["runs"][-1]
+    assert [e["epoch"] for e in run["epochs"]] == list(range(DEMO_EPOCHS + 1)), "every epoch once, in order"
+    assert run["checkpoints"] and run["end"]["event"] == "training_complete"
+    sessions = stack.compose("exec", "-T", "clearml", "sh", "-c", "ls /clearml/offline").stdout.split()
+    assert any(name.endswith(".zip") for name in sessions), sessions  # ClearML zips a closed offline session
+
+    # The stack recovered on its own: the killed worker is back, registered, everything healthy.
+    started = time.monotonic()
     wait_for(stack.all_healthy, timeout=180, interval=1)
-    timings["worker killed -> healthy again"] = time.monotonic() - started
+    timings["after the demo -> all healthy"] = time.monotonic() - started
+    assert _workers(client, "platform") - killed, "a new platform worker registered after the kill"
 
     # A graceful stop: every process ends on SIGTERM, well within the grace period.
     started = time.monotonic()
     stack.compose("stop")
     timings["stop"] = time.monotonic() - started
-    codes = {s: stack.states()[s][2] for s in SERVICES}
+    codes = {s: stack.states()[s][2] for s in DEVSTACK}
     assert timings["stop"] < 10, timings
     assert all(code in (0, 143) for code in codes.values()), codes  # 143: rq-dashboard's Flask dies on SIGTERM
 
     # Started again: Redis's data is still there (AOF on the redis-data volume).
     started = time.monotonic()
-    stack.compose("up", "-d", "--wait", *SERVICES)
+    stack.compose("up", "-d", "--wait", *DEVSTACK)
     timings["start again (healthy)"] = time.monotonic() - started
     assert redis.Redis.from_url(url).get("kept-across-restarts") == b"1"
 
     with capsys.disabled():
-        print(f"\nworker image trainbus:latest: {size / 1e6:.0f} MB")
+        print()
+        for image, size in sizes.items():
+            print(f"image {image:24s} {size / 1e6:6.0f} MB")
         for what, seconds in timings.items():
             print(f"{what:32s} {seconds:6.1f} s")
         print(f"exit codes at stop: {codes}")
+        print(
+            "demo output (around the restarts, and the end):\n"
+            + "".join([*[line for line in output if line.startswith("epoch ")][:6], "...\n", *output[-10:]])
+        )
+
+
+def image_size(image: str) -> int:
+    inspect = ["docker", "image", "inspect", image, "--format", "{{.Size}}"]
+    return int(subprocess.run(inspect, capture_output=True, text=True, check=True).stdout)
 
 
 def _least_read(client: redis.Redis) -> int:
@@ -160,5 +219,5 @@ def _least_read(client: redis.Redis) -> int:
     return min(groups.get("platform", 0), groups.get("clearml", 0))
 
 
-def _workers(client: redis.Redis, queue: str) -> bool:
-    return bool(client.smembers(f"rq:workers:{queue}"))
+def _workers(client: redis.Redis, queue: str) -> set[bytes]:
+    return client.smembers(f"rq:workers:{queue}")

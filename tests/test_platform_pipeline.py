@@ -31,9 +31,7 @@ def platform_pipeline(redis_url, namespace, spool_dir, platform, **env) -> Pipel
         None,
         spool_dir,
         TRAINBUS_SINKS="platform",
-        TRAINBUS_RATE_CKPT=RATE_CKPT,
-        TRAINBUS_PLATFORM_TIMEOUT_S=2,
-        **{**platform.env(), **env},
+        **{"TRAINBUS_RATE_CKPT": RATE_CKPT, "TRAINBUS_PLATFORM_TIMEOUT_S": 2, **platform.env(), **env},
     )
 
 
@@ -128,6 +126,36 @@ def test_a_run_reaches_the_platform_once_in_order_and_its_final_last(pipeline, p
     assert puts and all(p["authorization"] is None for p in puts), "the signed PUT carries no API key"
     periodic = [r["ts"] for r in platform.requests("upload_url")][:-1]
     assert min(gaps(periodic), default=RATE_CKPT) >= RATE_CKPT - 0.1, "checkpoints at most one per TRAINBUS_RATE_CKPT"
+
+
+def test_the_final_is_not_held_back_by_the_checkpoint_rate(
+    redis_url, namespace, spool_dir, platform, client, keys, tmp_path
+):
+    """A periodic checkpoint still waiting for its slot (TRAINBUS_RATE_CKPT, 15 min by default) when the
+    run ends is superseded by the final's best.pt, as Ultralytics' callback never sends it either."""
+    p = platform_pipeline(redis_url, namespace, spool_dir, platform, TRAINBUS_RATE_CKPT=600)
+    try:
+        p.dispatcher()
+        p.worker("platform")
+        best = tmp_path / "exp-rate" / "weights" / "best.pt"
+        best.parent.mkdir(parents=True)
+        with publisher(p, spool_dir, "plat-rate") as bus:
+            bus.session({"epochs": 2}, name="exp-rate", device="cpu")
+            for epoch in range(2):
+                bus.metrics(epoch, {"loss": 1.0 / (epoch + 1)})
+                torch.save({"epoch": epoch}, best)
+                bus.checkpoint(best, epoch, is_best=True)
+                # epoch 0's checkpoint took the slot: epoch 1's waits for it
+                wait_for(lambda: (m := model_named(platform, "exp-rate")) and m["runs"][0]["checkpoints"], timeout=30)
+            bus.final(best, 1, {"loss": 0.5})
+        model = wait_for(lambda: completed(platform, "exp-rate"), timeout=30)
+        checkpoints = model["runs"][0]["checkpoints"]
+        assert [c["sha256"] for c in checkpoints][-1] == hashlib.sha256(best.read_bytes()).hexdigest()
+        assert len(checkpoints) == 2, "epoch 0's, then the final; epoch 1's waiting one was superseded"
+        state = client.hgetall(keys.state("platform", "plat-rate"))
+        assert state[b"ckpt_uploads"] == b"1" and state[b"ckpt_superseded"] == b"1"
+    finally:
+        p.stop()
 
 
 def test_platform_faults_are_retried_and_a_429_holds_every_request_of_the_key(pipeline, platform, spool_dir, tmp_path):

@@ -50,3 +50,23 @@ def test_trainbus_health_is_true_while_this_hosts_worker_heartbeats(redis_url, n
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+def test_trainbus_health_dispatcher_is_true_while_this_hosts_dispatcher_reads(redis_url, namespace):
+    """The compose healthcheck of the dispatcher container: its consumer on this host read lately."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRAINBUS_NAMESPACE": namespace, "TRAINBUS_REDIS_URL": redis_url}
+    health = [sys.executable, "-m", "workers.ops.cli", "health", "dispatcher", "--within", "3"]
+
+    def healthy() -> subprocess.CompletedProcess:
+        return subprocess.run(health, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    before = healthy()
+    assert before.returncode == 1 and "none seen" in before.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "workers.ops.cli", "dispatch"], env=env, cwd=ROOT)
+    try:
+        wait_for(lambda: healthy().returncode == 0, timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(timeout=15)
+    after = wait_for(lambda: (out := healthy()).returncode == 1 and out, timeout=30)
+    assert "last read" in after.stderr, "a dispatcher that stopped reading is unhealthy"

@@ -8,6 +8,10 @@ the local HUB server (unless ``TRAINBUS_HUB_API_URL``/``TRAINBUS_HUB_API_KEY`` a
 ClearML in offline mode (unless ``CLEARML_API_ACCESS_KEY`` is set), a local ``mlflow server``
 (unless ``MLFLOW_TRACKING_URI`` is set; needs ``mlflow`` installed), a dispatcher and one
 ``rq worker`` per queue as processes. Exit status 0 only when everything was delivered.
+
+With ``--stack`` the demo only trains: the dispatcher and workers already running against
+``TRAINBUS_REDIS_URL`` (the compose stack: ``docker compose --profile demo run --rm demo``)
+deliver, to wherever they are configured to (``--profile devstack``: the local Platform).
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ import redis
 
 from producers.ultralytics import UltralyticsHooks
 from shared.keys import Keys
-from shared.redis_client import COMMAND, Timeouts, connect
-from shared.settings import Settings, redact_url
+from shared.redis_client import COMMAND, REDIS_UNAVAILABLE, Timeouts, connect
+from shared.settings import Settings, WorkerSettings, redact_url
 from shared.sinks import SINKS
 from workers.devstack.embedded_redis import RedisServer
 from workers.devstack.http_double import DoubleServer, Fault
@@ -96,6 +100,12 @@ def add_parser(commands: Any) -> None:
         "HUB and the Platform unless their URL and key are set; ClearML runs offline unless its keys are set; "
         "a local mlflow server is started unless MLFLOW_TRACKING_URI is set",
     )
+    demo.add_argument(
+        "--stack",
+        action="store_true",
+        help="only train and publish: the dispatcher and workers already running against TRAINBUS_REDIS_URL "
+        "deliver (sinks: TRAINBUS_SINKS, namespace: TRAINBUS_NAMESPACE); the compose stack's demo service",
+    )
     demo.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
     demo.add_argument("--rate-metrics", type=float, default=1.0, help="seconds between HUB metrics requests")
     demo.add_argument("--rate-ckpt", type=float, default=3.0, help="seconds between HUB checkpoint uploads")
@@ -118,7 +128,10 @@ def run(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     stack = Stack(workdir, sinks=tuple(dict.fromkeys(args.sink or DEFAULT_SINKS)))
     try:
-        start_stack(stack, args)
+        if args.stack:
+            join_stack(stack, args)
+        else:
+            start_stack(stack, args)
         report = train(stack, args.epochs)
         delivered = wait_delivered(stack, report, args.timeout)
         summary = summarize(stack, report, delivered)
@@ -173,6 +186,19 @@ def start_stack(stack: Stack, args: argparse.Namespace) -> None:
             stack.procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
     queues = ", ".join(f"rq worker {keys.queue(sink)}" for sink in stack.sinks)
     print(f"workers:  dispatcher, {queues} (logs in {logs})")
+
+
+def join_stack(stack: Stack, args: argparse.Namespace) -> None:
+    """The running stack's Redis, namespace and sinks; nothing is started."""
+    settings = WorkerSettings.from_env()
+    stack.redis_url = settings.redis_url
+    if not answers(stack.redis_url):
+        raise SystemExit(f"--stack: no Redis answers at {redact_url(stack.redis_url)}; is the stack up?")
+    stack.namespace = settings.namespace
+    stack.sinks = tuple(dict.fromkeys(args.sink or settings.sinks))
+    stack.env = dict(os.environ, TRAINBUS_SPOOL_DIR=os.environ.get("TRAINBUS_SPOOL_DIR", str(stack.workdir / "spool")))
+    print(f"redis:    {redact_url(stack.redis_url)}, namespace {stack.namespace}")
+    print(f"workers:  the stack's, for {', '.join(stack.sinks)}")
 
 
 def start_hub(stack: Stack, env: dict[str, str], faults: list[Fault]) -> None:
@@ -402,7 +428,7 @@ def train(stack: Stack, epochs: int) -> TrainReport:
         if name != "on_pretrain_routine_start":  # opening the spool once is start-up, not a hook
             hook_us.append((time.perf_counter_ns() - t0) / 1000)
 
-    save_dir = stack.workdir / "runs" / "demo"
+    save_dir = unused_dir(stack.workdir / "runs" / "demo")
     t = DemoTrainer(save_dir, epochs)
     call("on_pretrain_routine_start", t)
     call("on_pretrain_routine_end", t)
@@ -419,11 +445,13 @@ def train(stack: Stack, epochs: int) -> TrainReport:
         call("on_model_save", t)
         t.epoch_time = round(time.monotonic() - started, 3)
         call("on_fit_epoch_end", t)
-        received = sum(len(s.recorder.requests) for s in (stack.hub, stack.platform) if s is not None)
+        servers = [s for s in (stack.hub, stack.platform) if s is not None]
+        received = sum(len(s.recorder.requests) for s in servers)
+        received_text = f"  requests at the local servers {received}" if servers else ""
         events = hooks.publisher.next_seq if hooks.publisher else 0
         print(
             f"epoch {epoch + 1}/{epochs}: loss {float(t.tloss['cls']):.3f} acc {t.metrics['metrics/accuracy_top1']:.2f}"
-            f"  events {events}  requests at the local servers {received}  queues {queue_depths(stack)}",
+            f"  events {events}{received_text}  queues {queue_depths(stack)}",
             flush=True,
         )
     t.epoch = epochs  # the final validation's extra on_fit_epoch_end, as in Ultralytics
@@ -443,10 +471,21 @@ def train(stack: Stack, epochs: int) -> TrainReport:
     return TrainReport(bus.run_id, epochs, events, hook_us, last_event_at, save_dir)
 
 
+def unused_dir(path: Path) -> Path:
+    """``demo``, else ``demo2``, ``demo3``... as Ultralytics names runs: a second demo keeps the first's files."""
+    n = 1
+    while (candidate := path.with_name(f"{path.name}{n if n > 1 else ''}")).exists():
+        n += 1
+    return candidate
+
+
 def queue_depths(stack: Stack) -> str:
     client = connect(stack.redis_url, COMMAND)
     keys = Keys(stack.namespace)
-    return " ".join(f"{sink}={client.llen('rq:queue:' + keys.queue(sink))}" for sink in stack.sinks)
+    try:
+        return " ".join(f"{sink}={client.llen('rq:queue:' + keys.queue(sink))}" for sink in stack.sinks)
+    except REDIS_UNAVAILABLE:  # the training goes on; its events wait in the spool
+        return "(Redis not answering)"
 
 
 # -- delivery and the summary ------------------------------------------------------------
@@ -458,9 +497,13 @@ def wait_delivered(stack: Stack, report: TrainReport, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     print(f"training done; waiting for {', '.join(stack.sinks)} to receive everything ...", flush=True)
     while time.monotonic() < deadline:
-        if all(sink_class(sink).delivered(client, keys, report.run_id) for sink in stack.sinks):
-            print(f"delivered {time.time() - report.last_event_at:.1f} s after the last event", flush=True)
-            return True
+        try:
+            if all(sink_class(sink).delivered(client, keys, report.run_id) for sink in stack.sinks):
+                print(f"delivered {time.time() - report.last_event_at:.1f} s after the last event", flush=True)
+                return True
+        except REDIS_UNAVAILABLE as exc:  # restarted under us: ask again
+            print(f"Redis not answering ({exc}); waiting", flush=True)
+            time.sleep(1)
         time.sleep(0.2)
     print(f"not everything was delivered within {timeout:.0f} s; see the logs in {stack.workdir / 'logs'}")
     return False
@@ -480,6 +523,7 @@ def summarize(stack: Stack, report: TrainReport, delivered: bool) -> dict[str, A
         "hook_us_p50": statistics.median(hooks) if hooks else None,
         "hook_us_p99": hooks[min(len(hooks) - 1, int(len(hooks) * 0.99))] if hooks else None,
         "workdir": str(stack.workdir),
+        "workdir_dirs": sorted(f"{d.name}/" for d in stack.workdir.iterdir() if d.is_dir()),
     }
     last_upload = report.last_event_at
     for sink in stack.sinks:
@@ -575,16 +619,17 @@ def print_summary(s: dict[str, Any]) -> None:
             f"HUB checkpoints  {hub['checkpoints_uploaded']} uploaded, {hub['checkpoints_superseded']} superseded",
         ]
     if platform := s.get("platform"):
-        events = ", ".join(f"{k} {v}" for k, v in sorted(platform["requests"].items()))
-        lines += [
-            f"Platform         {events or 'none'} ({platform['failed_requests']} failed and retried)",
+        if platform["received"]:  # the demo's own local server (--stack: the stack's, not seen from here)
+            events = ", ".join(f"{k} {v}" for k, v in sorted(platform["requests"].items()))
+            lines.append(f"Platform         {events} ({platform['failed_requests']} failed and retried)")
+        lines.append(
             f"Platform model   {platform['model_url']}: {platform['epochs_sent']} epochs, "
-            f"{platform['checkpoints_uploaded']} checkpoints",
-        ]
+            f"{platform['checkpoints_uploaded']} checkpoints and the final"
+        )
     if clearml := s.get("clearml"):
         lines += [
             f"ClearML          task {clearml['task']}, {clearml['events_reported']} events reported",
-            f"ClearML session  {clearml['session'] or 'online'}",
+            f"ClearML session  {clearml['session'] or 'none in the work directory (online, or the worker has it)'}",
         ]
     if ml := s.get("mlflow"):
         lines += [
@@ -595,6 +640,6 @@ def print_summary(s: dict[str, Any]) -> None:
     lines += [
         f"hook overhead    p50 {s['hook_us_p50']:.1f} µs, p99 {s['hook_us_p99']:.1f} µs per callback (after start-up)",
         f"last event -> last upload  {s['last_event_to_last_upload_s']} s",
-        f"files            {s['workdir']} (runs/, spool/, logs/, clearml/)",
+        f"files            {s['workdir']} ({', '.join(s['workdir_dirs'])})",
     ]
     print("\n" + "\n".join(lines), flush=True)

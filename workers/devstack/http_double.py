@@ -1,8 +1,9 @@
 """What the local protocol servers share: recording every request, injecting faults, a control API.
 
-A server here stands in for a real service (HUB, the Platform) on 127.0.0.1, for the tests
-and the demo. Its handler routes a request to an endpoint name, records it on arrival
-(status "pending" while it is answered), then applies the first matching fault, if any:
+A server here stands in for a real service (HUB, the Platform) on 127.0.0.1 (``--host 0.0.0.0``
+in the compose stack's ``devstack`` profile), for the tests and the demo. Its handler routes a
+request to an endpoint name, records it on arrival (status "pending" while it is answered), then
+applies the first matching fault, if any:
 
     {"endpoint": "metrics", "status": 503, "count": 3}      answer 503, three times
     {"endpoint": "upload", "status": 429, "retry_after": 2}  with Retry-After (and rate-limit headers)
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import socket
 import struct
 import threading
@@ -75,9 +77,15 @@ class DoubleServer(ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
+    def url_for(self, handler: BaseHTTPRequestHandler) -> str:
+        """This server's URL as the client named it (its Host header): in a container, not 127.0.0.1."""
+        host = handler.headers.get("Host")
+        return f"http://{host}" if host else self.url
+
     def serve_until_interrupted(self, name: str) -> int:
-        """Serve in the foreground (``python -m ...``) until Ctrl-C."""
-        print(f"local {name} listening on {self.url}", flush=True)
+        """Serve in the foreground (``python -m ...``) until Ctrl-C or SIGTERM (``docker compose stop``)."""
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        print(f"local {name} listening on http://{self.server_address[0]}:{self.server_address[1]}", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             self.serve_forever()
         return 0
@@ -86,7 +94,8 @@ class DoubleServer(ThreadingHTTPServer):
 def command_line(prog: str, doc: str | None, key_help: str) -> argparse.ArgumentParser:
     """The options every double's ``main`` takes: its port and the API key it requires."""
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free one)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port (default: any free one)")
     parser.add_argument("--api-key", help=f"{key_help} (default: accept any)")
     return parser
 

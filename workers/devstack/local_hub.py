@@ -119,8 +119,10 @@ def parse_multipart(content_type: str, body: bytes) -> tuple[dict[str, str], dic
 
 
 class LocalHub(DoubleServer):
-    def __init__(self, port: int = 0, api_key: str | None = None, models: tuple[str, ...] = ()) -> None:
-        super().__init__(("127.0.0.1", port), HubHandler)
+    def __init__(
+        self, port: int = 0, api_key: str | None = None, models: tuple[str, ...] = (), host: str = "127.0.0.1"
+    ) -> None:
+        super().__init__((host, port), HubHandler)
         self.recorder = Recorder()
         self.state = HubState(api_key=api_key, models=set(models))
 
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = command_line("python -m workers.devstack.local_hub", __doc__, "the x-api-key to require")
     parser.add_argument("--model", action="append", default=[], help="a model id that exists (repeatable)")
     args = parser.parse_args(argv)
-    return LocalHub(args.port, args.api_key, tuple(args.model)).serve_until_interrupted("HUB")
+    return LocalHub(args.port, args.api_key, tuple(args.model), args.host).serve_until_interrupted("HUB")
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ class PlatformHandler(DoubleHandler):
             "modelId": model["id"],
             "runId": model["runs"][-1]["runId"],
             "modelSlug": model["slug"],
-            "modelUrl": f"{self.server.url}/{model['project']}/{model['slug']}",
+            "modelUrl": f"{self.server.url_for(self)}/{model['project']}/{model['slug']}",
         }
         if model["id"] in self.server.state.cancelled:
             reply.update(cancelled=True, action="training_terminated")
@@ -178,7 +178,7 @@ class PlatformHandler(DoubleHandler):
         return (
             200,
             {
-                "uploadUrl": f"{self.server.url}/_upload/{token}",
+                "uploadUrl": f"{self.server.url_for(self)}/_upload/{token}",
                 "gcsPath": gcs,
                 "uploadPath": token,
                 "modelId": model["id"],
@@ -242,8 +242,8 @@ class PlatformHandler(DoubleHandler):
 
 
 class LocalPlatform(DoubleServer):
-    def __init__(self, port: int = 0, api_key: str | None = None) -> None:
-        super().__init__(("127.0.0.1", port), PlatformHandler)
+    def __init__(self, port: int = 0, api_key: str | None = None, host: str = "127.0.0.1") -> None:
+        super().__init__((host, port), PlatformHandler)
         self.recorder = Recorder()
         self.state = PlatformState(api_key=api_key)
 
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uploads-per-min", type=int, default=10, help="per-key upload-URL limit (default 10)")
     parser.add_argument("--window", type=float, default=60.0, help="seconds of the limits' window (default 60)")
     args = parser.parse_args(argv)
-    server = LocalPlatform(args.port, args.api_key)
+    server = LocalPlatform(args.port, args.api_key, args.host)
     server.state.limits.update(events=args.events_per_min, uploads=args.uploads_per_min, window=args.window)
     return server.serve_until_interrupted("Platform")
 

@@ -11,15 +11,12 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import orjson
 import redis
-import rq
 from prometheus_client import REGISTRY, start_http_server
 
 from producers.drain import drain, pending_runs
@@ -33,6 +30,7 @@ from shared.sinks import SINKS
 from workers.devstack import demo
 from workers.ops.exporter import RedisCollector
 from workers.ops.failed import failed_drains, requeue_failed
+from workers.ops.health import dispatcher_problem, worker_problem
 from workers.ops.status import format_status, pipeline_status
 from workers.pipeline.dispatch import Dispatcher
 from workers.pipeline.groups import drop, groups
@@ -142,13 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     health = commands.add_parser(
         "health",
-        help="exit 0 when this host's worker of SINK is registered and heartbeating (a container healthcheck)",
-        description="Healthy: an RQ worker started on this host (its hostname) serves the sink's queue and "
-        "sent a heartbeat within the last --within seconds. Exit 1, saying which, otherwise.",
+        help="exit 0 when this host's dispatcher or worker of SINK is doing its job (a container healthcheck)",
+        description="Healthy worker: an RQ worker started on this host (its hostname) serves the sink's queue and "
+        "sent a heartbeat within the last --within seconds. Healthy dispatcher: its consumer on this host read "
+        "every sink's consumer group within --within seconds. Exit 1, saying which, otherwise.",
     )
-    health.add_argument("sink", choices=sorted(SINKS), help="the sink whose worker to check")
-    health.add_argument("--within", type=float, default=45.0, metavar="S", help="heartbeat age allowed (default 45)")
-    health.set_defaults(func=worker_health)
+    health.add_argument("process", choices=["dispatcher", *sorted(SINKS)], help="dispatcher, or the sink's worker")
+    health.add_argument("--within", type=float, default=45.0, metavar="S", help="age allowed (default 45)")
+    health.set_defaults(func=check_health)
 
     demo.add_parser(commands)
 
@@ -270,21 +269,16 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
-def worker_health(args: argparse.Namespace) -> int:
+def check_health(args: argparse.Namespace) -> int:
     _, client, keys = worker_side()
-    queue = keys.queue(args.sink)
-    host = socket.gethostname()
-    now = datetime.now(timezone.utc)
-    ages = [
-        (now - w.last_heartbeat.replace(tzinfo=w.last_heartbeat.tzinfo or timezone.utc)).total_seconds()
-        for w in rq.Worker.all(connection=client, queue=rq.Queue(queue, connection=client))
-        if w.hostname == host and w.last_heartbeat is not None
-    ]
-    if any(age <= args.within for age in ages):
-        return 0
-    said = f"last heartbeat {min(ages):.0f} s ago" if ages else "none registered"
-    print(f"trainbus: no live worker of queue {queue} on {host} ({said})", file=sys.stderr)
-    return 1
+    if args.process == "dispatcher":
+        problem = dispatcher_problem(client, keys, args.within)
+    else:
+        problem = worker_problem(client, keys, args.process, args.within)
+    if problem:
+        print(f"trainbus: {problem}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_worker(args: argparse.Namespace) -> int:

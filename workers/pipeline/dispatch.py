@@ -41,6 +41,7 @@ READ_COUNT = 200
 BLOCK_MS = 100  # also how often due drain jobs are enqueued
 SWEEP_EVERY_S = 5.0
 TRIM_EVERY_S = 30.0
+FORGET_DISPATCHER_S = 86400.0
 RAW_KEEP_BYTES = 2048  # how much of an invalid entry the dead letter keeps
 
 
@@ -206,6 +207,7 @@ class Dispatcher:
     def _sweep(self) -> None:
         """Active runs with no job queued, running or scheduled: their worker died. Requeue."""
         mark_fed(self.client, self.keys, list(self.sinks))
+        self._beat()
         for sink in self.sinks:
             for run in self.client.smembers(self.keys.active(sink)):
                 run_id = run.decode()
@@ -218,6 +220,17 @@ class Dispatcher:
                 if enqueue_drain(self.client, k, sink, run_id):
                     log.info("requeued %s run %s (no job was queued or running)", sink, run_id)
                     self.stats.jobs_enqueued += 1
+
+    def _beat(self) -> None:
+        """Say this dispatcher is reading (``trainbus health dispatcher``); forget ones silent for a day."""
+        now = time.time()
+        seen = self.client.hgetall(self.keys.dispatchers)
+        gone = [name for name, at in seen.items() if now - float(at) > FORGET_DISPATCHER_S]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(self.keys.dispatchers, self.consumer, repr(now))
+        if gone:
+            pipe.hdel(self.keys.dispatchers, *gone)
+        pipe.execute()
 
     def trim(self) -> None:
         """Drop stream entries every group has acknowledged (XTRIM MINID, never MAXLEN).

@@ -75,7 +75,8 @@ class PlatformSink:
         self.client = client
         self.keys = keys
         self.settings = settings
-        self.api = api or PlatformClient(settings.platform_url, settings.platform_api_key, settings.platform_timeout_s)
+        target, key = settings.platform_target, settings.platform_api_key
+        self.api = api or PlatformClient(target, key, settings.platform_timeout_s)
         self.key_id = key_fingerprint(settings.platform_api_key)
         self.runs = RunState(client, keys, SINK)
         self.slots = RateLimiter(client)
@@ -260,8 +261,8 @@ class PlatformSink:
         """The newest best checkpoint, at most one per TRAINBUS_RATE_CKPT seconds (latest wins)."""
         key = self.keys.pending(SINK, run_id, "ckpt")
         pending = self.client.hget(key, "data")
-        if pending is None:
-            return None
+        if pending is None or self.client.hexists(self.keys.pending(SINK, run_id, "final"), "data"):
+            return None  # the final's best.pt supersedes it: not held back by the checkpoint rate
         state_key = self.keys.state(SINK, run_id)
         if wait := self.slots.wait(state_key, "retry:ckpt") or self.slots.reserve(
             state_key, "ckpt", self.settings.rate_ckpt
@@ -331,6 +332,8 @@ class PlatformSink:
 
     def _done(self, run_id: str, event: str) -> None:
         pipe = self.client.pipeline()
+        if self.client.hexists(self.keys.pending(SINK, run_id, "ckpt"), "data"):
+            pipe.hincrby(self.keys.state(SINK, run_id), "ckpt_superseded", 1)  # the final made it pointless
         pipe.hset(self.keys.state(SINK, run_id), "final_done", 1)
         pipe.delete(self.keys.pending(SINK, run_id, "ckpt"), self.keys.pending(SINK, run_id, "final"))
         pipe.execute()
