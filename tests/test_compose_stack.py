@@ -11,6 +11,7 @@ argument), else from docker-env's local wheel server when it answers, else PyTor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -76,8 +77,23 @@ class Stack:
         for name in ("TRAINBUS_PLATFORM_API_KEY", "TRAINBUS_PLATFORM_URL", "CLEARML_API_ACCESS_KEY"):
             self.env.pop(name, None)  # the local Platform and ClearML offline, whatever this shell has
 
+        self.files = ["-f", "docker-compose.yml"]
+
+    def bind_mount_for_host_trainings(self, train_dir: Path) -> None:
+        """What the README tells a host training's user to add: its directory in the platform worker at the
+        same path, in TRAINBUS_FILE_ROOTS, the worker running as the training's user (spools are 0700)."""
+        override = train_dir.parent / "host-trainings.yml"
+        override.write_text(
+            "services:\n"
+            "  platform:\n"
+            f'    user: "{os.getuid()}:{os.getgid()}"\n'
+            f'    volumes: ["{train_dir}:{train_dir}"]\n'
+            f'    environment: {{TRAINBUS_FILE_ROOTS: "/data:{train_dir}"}}\n'
+        )
+        self.files += ["-f", str(override)]
+
     def command(self, *args: str) -> list[str]:
-        return ["docker", "compose", "-p", self.project, "--profile", "devstack", *args]
+        return ["docker", "compose", "-p", self.project, *self.files, "--profile", "devstack", *args]
 
     def compose(self, *args: str, timeout: float = 300, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
         out = subprocess.run(
@@ -121,6 +137,9 @@ def stack():
 def test_the_stack_comes_up_healthy_delivers_trainings_through_restarts_and_stops_gracefully(stack, tmp_path, capsys):
     timings: dict[str, float] = {}
     started = time.monotonic()
+    host_train = tmp_path / "host-train"
+    host_train.mkdir()
+    stack.bind_mount_for_host_trainings(host_train)
     stack.compose("--profile", "demo", "build", timeout=1800)
     timings["build (worker and demo images)"] = time.monotonic() - started
     sizes = {image: image_size(image) for image in ("trainbus:latest", "trainbus-demo:latest")}
@@ -130,13 +149,21 @@ def test_the_stack_comes_up_healthy_delivers_trainings_through_restarts_and_stop
     timings["up --wait (healthy)"] = time.monotonic() - started
     assert stack.all_healthy(), stack.states()
 
-    # A training on the host publishes into the stack through the published port.
+    # A training on the host publishes into the stack through the published port; the platform worker
+    # reads its checkpoints through the bind mount.
     url = f"redis://127.0.0.1:{stack.port}/0"
     client = redis.Redis.from_url(url)
-    with Publisher(redis_url=url, spool_dir=tmp_path / "spool", run_id="from-host") as bus:
+    best = host_train / "weights" / "best.pt"
+    best.parent.mkdir()
+    with Publisher(redis_url=url, spool_dir=host_train / "spool", run_id="from-host") as bus:
+        bus.session({"epochs": 3}, name="host-run", project="host-project", device="cpu")
         for epoch in range(3):
             bus.metrics(epoch, {"loss": 1.0 / (epoch + 1)})
-    wait_for(lambda: _least_read(client) >= 5, timeout=60)  # the dispatcher read the host's 5 events
+            best.write_bytes(os.urandom(200_000))
+            bus.checkpoint(best, epoch, is_best=True)
+        bus.final(best, 2, {"loss": 0.33})
+    host_model = wait_for(lambda: _completed(stack, "host-project"), timeout=120, interval=1)
+    assert host_model["runs"][-1]["checkpoints"][-1]["sha256"] == hashlib.sha256(best.read_bytes()).hexdigest()
     client.set("kept-across-restarts", b"1")
     killed = _workers(client, "platform")
 
@@ -165,8 +192,7 @@ def test_the_stack_comes_up_healthy_delivers_trainings_through_restarts_and_stop
     out = "".join(output)
     assert "everything delivered" in out, out
 
-    model = next(m for m in stack.platform_models() if m["project"] == "trainbus-demo")
-    run = model["runs"][-1]
+    run = _completed(stack, "trainbus-demo")["runs"][-1]
     assert [e["epoch"] for e in run["epochs"]] == list(range(DEMO_EPOCHS + 1)), "every epoch once, in order"
     assert run["checkpoints"] and run["end"]["event"] == "training_complete"
     sessions = stack.compose("exec", "-T", "clearml", "sh", "-c", "ls /clearml/offline").stdout.split()
@@ -210,13 +236,9 @@ def image_size(image: str) -> int:
     return int(subprocess.run(inspect, capture_output=True, text=True, check=True).stdout)
 
 
-def _least_read(client: redis.Redis) -> int:
-    """Entries read by the slowest of the platform and clearml consumer groups."""
-    try:
-        groups = {g["name"].decode(): int(g.get("entries-read") or 0) for g in client.xinfo_groups("trainbus:events")}
-    except redis.ResponseError:
-        return 0
-    return min(groups.get("platform", 0), groups.get("clearml", 0))
+def _completed(stack: Stack, project: str) -> dict | None:
+    model = next((m for m in stack.platform_models() if m["project"] == project), None)
+    return model if model and model["runs"] and model["runs"][-1]["end"] else None
 
 
 def _workers(client: redis.Redis, queue: str) -> set[bytes]:
