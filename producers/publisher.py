@@ -43,6 +43,7 @@ import orjson
 from producers.control import Control
 from producers.delivery import FLUSH_NOW, WAKE, spawn_delivery
 from producers.drain import DRAIN_LOG
+from producers.rank import global_rank
 from producers.snapshot import SNAPSHOT_TYPES, checkpoint_request
 from producers.spool import RunSpool, SpoolWriter
 from shared.encoding import encode
@@ -87,8 +88,14 @@ class Publisher:
     ) -> None:
         """``on_stop(reason)``: called once, in the next call of this publisher after the run was told
         to stop (cancelled in the Ultralytics Platform, or ``trainbus stop RUN``).
-        ``system_metrics``: the delivery process samples the machine's load (:meth:`system_sample`)."""
-        self.settings = settings or Settings.from_env(**overrides)
+        ``system_metrics``: the delivery process samples the machine's load (:meth:`system_sample`).
+        In a distributed training only global rank 0 opens the run; elsewhere every method does nothing."""
+        self._configure(settings or Settings.from_env(**overrides), on_stop, system_metrics)
+        if self._publishes_here():
+            self._open()
+
+    def _configure(self, settings: Settings, on_stop: Callable[[str], None] | None, system_metrics: bool) -> None:
+        self.settings = settings
         self.stop_reason: str | None = None
         self._on_stop = on_stop
         self.run_id = self.settings.run_id
@@ -109,7 +116,22 @@ class Publisher:
         self._spawn_lock = threading.Lock()
         self._respawning = False
         self._next_respawn = 0.0
+        self._control: Control | None = None  # None: not open (another rank, or unpickled and not used yet)
+        self._writer: SpoolWriter | None = None
+        self._quiet = False  # dropping is what this publisher is for (a rank that does not publish)
+        self.rank = -1
 
+    def _publishes_here(self) -> bool:
+        """Global rank 0 (or not distributed) opens the run; another rank's publisher stays closed, quietly."""
+        self.rank = global_rank()
+        if self.rank in (-1, 0):
+            return True
+        self._closed, self._quiet = True, True
+        self._closed_why = f"in rank {self.rank} (only global rank 0 publishes)"
+        return False
+
+    def _open(self) -> None:
+        """The spool, the control page, the delivery process: this process writes the run from here on."""
         root = self.settings.spool_dir.expanduser()
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._run = RunSpool(root.resolve(), self.run_id)  # real paths: workers compare them with their roots
@@ -126,6 +148,18 @@ class Publisher:
         atexit.register(self.close)
         _OPEN.add(self)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled into a child (``mp.spawn``, a DDP launcher): the child gets the run, unopened, and
+        opens it with its first event if it is global rank 0; this process hands it over (it lets go of
+        the spool, without ending the run, and drops what it is given after). Nothing open is pickled."""
+        if self._writer is not None and not self._closed:
+            log.info("run %s handed over to a child process (pickled)", self.run_id)
+            with self._lock:
+                self._closed = True
+                self._closed_why = "handed over to a child process (it was pickled)"
+            self._shut_down()
+        return (_unpickled, (self.settings, self._on_stop, self._system, self._session_sent))
+
     @property
     def stop_requested(self) -> bool:
         """True once the run was told to stop: the training loop should end at its next epoch boundary."""
@@ -136,15 +170,15 @@ class Publisher:
     def delivering(self) -> bool:
         """True once the delivery process follows the spool (it starts in about 0.2 s): from then on a
         checkpoint is copied within milliseconds of its event."""
-        return self._control.following
+        return self._control is not None and self._control.following
 
     def system_sample(self) -> orjson.Fragment | None:
         """The machine's latest load sample (with ``system_metrics=True``), ready to put in a payload."""
-        sample = self._control.sample()
+        sample = self._control.sample() if self._control is not None else None
         return orjson.Fragment(sample) if sample else None
 
     def _check_stop(self) -> None:
-        if self.stop_reason is not None or (reason := self._control.stop_reason) is None:
+        if self.stop_reason is not None or self._control is None or (reason := self._control.stop_reason) is None:
             return
         self.stop_reason = reason
         log.warning("run %s was told to stop (%s); stop the training at the next epoch", self.run_id, reason)
@@ -157,7 +191,7 @@ class Publisher:
     @property
     def next_seq(self) -> int:
         """The seq the next event will get: how many events this run has produced so far."""
-        return self._writer.next_seq
+        return self._writer.next_seq if self._writer is not None else 0
 
     # -- the hook path ---------------------------------------------------------------
 
@@ -173,9 +207,11 @@ class Publisher:
 
     def _publish(self, type: str, payload: dict[str, Any]) -> int | None:
         with self._lock:
+            if self._writer is None and not self._closed:
+                self._open_unpickled()
             if self._closed:
                 self._failures += 1
-                if self._failures <= 3:
+                if self._failures <= 3 and not self._quiet:
                     log.warning("publisher of run %s is %s; %s event dropped", self.run_id, self._closed_why, type)
                 return None
             if not self._session_sent and type != EventType.SESSION.value:
@@ -191,6 +227,16 @@ class Publisher:
             self._delivery_lost()  # it looks at the spool every 20 ms: silent this long, it may be gone
         self._check_stop()
         return seq
+
+    def _open_unpickled(self) -> None:
+        """A publisher unpickled in a child opens with its first event, once the rank is known."""
+        if not self._publishes_here():
+            return
+        try:
+            self._open()
+        except Exception as exc:
+            self._closed, self._closed_why = True, f"not open ({exc})"
+            log.error("trainbus cannot record run %s in this process: %s", self.run_id, exc)
 
     def _wake(self, byte: bytes) -> None:
         """A byte on the delivery process's pipe: look at the spool now (WAKE), or push now whatever
@@ -388,7 +434,8 @@ class Publisher:
         be down, it ends at the next failed try (asked for at once), at most DOWN_EXIT_FLUSH_S.
         Returns True when everything was pushed.
         """
-        if self._closed:
+        if self._closed or self._writer is None:  # closed, another rank's, or unpickled and never used
+            self._closed = True
             return True
         if not self._ended:
             failed = getattr(sys, "last_value", None) is not None
@@ -562,6 +609,16 @@ class Publisher:
                     value = ref.model_id
             clean[str(key)] = value
         return clean
+
+
+def _unpickled(
+    settings: Settings, on_stop: Callable[[str], None] | None, system_metrics: bool, session_sent: bool
+) -> Publisher:
+    """A pickled publisher in its new process: configured, not open (see ``Publisher.__reduce__``)."""
+    bus = Publisher.__new__(Publisher)
+    bus._configure(settings, on_stop, system_metrics)
+    bus._session_sent = session_sent  # the run's session went out before the hand-over: not again
+    return bus
 
 
 def _secrets_of(settings: Settings) -> tuple[bytes, ...]:

@@ -22,7 +22,6 @@ so they are sent as a directory and a glob for the worker to wait on.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import sys
@@ -30,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from producers.publisher import Publisher
+from producers.rank import publishes
 from shared.events import EventType
 from shared.settings import Settings, generate_run_id
 
@@ -54,6 +54,18 @@ class UltralyticsHooks:
         self._fit_epochs_seen: set[int] = set()
         self._losses = _LossCache()
         self._console: Any = None  # Ultralytics' ConsoleLogger, while this training's console is captured
+        self.publishing: bool | None = None  # global rank 0 (or not distributed); decided at the first hook
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled into DDP ranks (Ultralytics >= 8.4 does, with cloudpickle): settings only. Each rank
+        decides at its first hook whether it publishes; rank 0 opens its own publisher."""
+        state = {"settings": self.settings, "fixed_run_id": self.fixed_run_id}
+        if self.publisher is not None and not self.fixed_run_id:  # that run is this process's: a new one
+            state["settings"] = dataclasses.replace(self.settings, run_id=generate_run_id())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["settings"], fixed_run_id=state["fixed_run_id"])
 
     def bus(self) -> Publisher | _Unrecorded:
         """The open publisher, opened on first use (val/predict/export may come first).
@@ -200,7 +212,7 @@ class UltralyticsHooks:
 
     def callbacks(self) -> dict[str, Callback]:
         """The dict for ``model.add_callback``: every hook guarded so it never raises."""
-        return {name: _guarded(getattr(self, name)) for name in CALLBACK_NAMES}
+        return {name: GuardedHook(self, name) for name in CALLBACK_NAMES}
 
     def _add_ultralytics_key(self) -> None:
         """The HUB key Ultralytics keeps in its settings file must not leak via args."""
@@ -245,21 +257,26 @@ def make_callbacks(settings: Settings | None = None, **overrides: Any) -> dict[s
     return UltralyticsHooks(settings or Settings.from_env(**overrides), fixed_run_id=fixed).callbacks()
 
 
-def _guarded(fn: Callable[[Any], None]) -> Callback:
-    """Whatever goes wrong in a hook is logged, never raised into training."""
-    failures = 0
+class GuardedHook:
+    """One callback: nothing outside global rank 0, and whatever goes wrong is logged, never raised into
+    training. A class, not a closure, so that plain pickle carries it into a spawned rank too."""
 
-    @functools.wraps(fn)
-    def hook(obj: Any) -> None:
-        nonlocal failures
+    def __init__(self, hooks: UltralyticsHooks, name: str) -> None:
+        self.hooks, self.__name__ = hooks, name
+        self.failures = 0
+
+    def __call__(self, obj: Any) -> None:
+        hooks = self.hooks
+        if hooks.publishing is None:
+            hooks.publishing = publishes()
+        if not hooks.publishing:
+            return
         try:
-            fn(obj)
+            getattr(hooks, self.__name__)(obj)
         except Exception:
-            failures += 1
-            if failures <= 3:
-                log.exception("trainbus hook %s failed; training continues", fn.__name__)
-
-    return hook
+            self.failures += 1
+            if self.failures <= 3:
+                log.exception("trainbus hook %s failed; training continues", self.__name__)
 
 
 def _train_losses(trainer: Any) -> dict[str, Any]:
