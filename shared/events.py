@@ -66,9 +66,13 @@ NUMBER = (int, float)
 PAYLOAD_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "session": {"args": dict, "name": str, "project": str, "hub_model_id": str, "device": str, "environment": dict},
     "pretrain_end": {"args": dict},
-    "train_epoch": {"epoch": int, "metrics": dict, "lr": dict},
+    # step: the framework's global step, where ClearML and MLflow plot the point (else at the epoch);
+    # series_logged: the fit_epoch's metrics went out as train_epoch points already (Lightning's log calls).
+    "train_epoch": {"epoch": int, "metrics": dict, "lr": dict, "step": int},
     "fit_epoch": {
         "epoch": int,
+        "step": int,
+        "series_logged": bool,
         "metrics": dict,
         "model_info": dict,
         "epoch_time": NUMBER,

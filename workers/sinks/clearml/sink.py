@@ -273,17 +273,18 @@ class ClearmlSink:
         p, kind = event["payload"], event["type"]
         logger = handle.task.get_logger()
         epoch = p.get("epoch") if isinstance(p.get("epoch"), int) else 0
+        at = p["step"] if isinstance(p.get("step"), int) else epoch  # a framework's global step, else the epoch
         if kind == EventType.TRAIN_EPOCH:
-            for name, value in _numbers(p.get("metrics")):
-                logger.report_scalar("train", name, value, iteration=epoch)
+            for name, value in _numbers(p.get("metrics")):  # Ultralytics' "train/box_loss": title "train"
+                logger.report_scalar(name.split("/")[0], name, value, iteration=at)
             for name, value in _numbers(p.get("lr")):
-                logger.report_scalar("lr", name, value, iteration=epoch)
+                logger.report_scalar("lr", name, value, iteration=at)
         elif kind == EventType.FIT_EPOCH:
             if _is_number(p.get("epoch_time")):
-                logger.report_scalar("Epoch Time", "Epoch Time", float(p["epoch_time"]), iteration=epoch)
-            for name, value in _numbers(p.get("metrics")):
+                logger.report_scalar("Epoch Time", "Epoch Time", float(p["epoch_time"]), iteration=at)
+            for name, value in _numbers(p.get("metrics") if not p.get("series_logged") else None):
                 if not name.startswith("train/"):  # the training losses, reported with train_epoch
-                    logger.report_scalar(name.split("/")[0], name, value, iteration=epoch)
+                    logger.report_scalar(name.split("/")[0], name, value, iteration=at)
             if not p.get("final_eval"):
                 for name, value in _numbers(p.get("model_info")):
                     logger.report_single_value(name, value)

@@ -446,15 +446,18 @@ def epoch_points(event: Event) -> dict[str, bytes]:
     values: dict[str, Any] = dict(p.get("metrics") or {})
     if event.type == EventType.TRAIN_EPOCH:
         values.update(p.get("lr") or {})
+    elif p.get("series_logged"):  # Lightning's: its points came as train_epoch events, by step
+        values = {}
     elif p.get("final_eval"):
         values = {k: v for k, v in values.items() if not str(k).startswith("train/")}
+    step = p["step"] if isinstance(p.get("step"), int) else p["epoch"]  # a framework's global step, else the epoch
     nulls = {n.removeprefix("metrics.").removeprefix("lr.") for n in event.nulls}
     ts = int(event.ts * 1000)
     points: dict[str, bytes] = {}
     for key, value in values.items():
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if number or (value is None and str(key) in nulls):  # null: NaN or infinity in training, NaN in MLflow
-            points[f"{p['epoch']}|{metric_key(str(key))}"] = orjson.dumps([value, ts])
+            points[f"{step}|{metric_key(str(key))}"] = orjson.dumps([value, ts])
     return points
 
 
