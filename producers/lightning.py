@@ -90,7 +90,8 @@ class TrainbusLogger(Logger, Callback):
     def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
         if bus := self.bus():
             values = vars(params) if isinstance(params, Namespace) else dict(params)
-            bus.lifecycle(EventType.PRETRAIN_END, args={**_trainer_args(self._trainer), **_plain(values)})
+            # objects JSON cannot hold become text in the encoder
+            bus.lifecycle(EventType.PRETRAIN_END, args={**_trainer_args(self._trainer), **values})
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -188,8 +189,3 @@ def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
         except (TypeError, ValueError, RuntimeError):
             continue
     return found
-
-
-def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Hyperparameters as JSON can carry them: numbers, strings, booleans, None; the rest as text."""
-    return {str(k): v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in values.items()}

@@ -118,6 +118,16 @@ def metrics_of(session: Path) -> list[dict]:
     return events
 
 
+def plotted_iterations(session: Path, series: str) -> list[int]:
+    """The iterations a scalar series was plotted at, sorted; asserts no (title, series, iteration) twice.
+    Single values (``report_single_value``, iteration -2**31) are the summary table, not a plot."""
+    scalars = [
+        (m["metric"], m["variant"], m["iter"]) for m in metrics_of(session) if m.get("type") == "training_stats_scalar"
+    ]
+    assert len(scalars) == len(set(scalars)), "no point twice"
+    return sorted(it for _, name, it in scalars if name == series and it != -(2**31))
+
+
 def completed(cache_dir: Path, *names: str) -> bool:
     """Each named task's offline session was closed (the SDK zips it on close)."""
     found = sessions(cache_dir)
