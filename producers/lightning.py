@@ -23,7 +23,6 @@ nothing open in it, for ``ddp_spawn``.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from argparse import Namespace
@@ -34,47 +33,25 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
+from producers.adapter import Adapter
 from producers.publisher import Publisher
 from shared.events import EventType
-from shared.settings import Settings
-
-log = logging.getLogger("trainbus.lightning")
 
 STATUS = {"success": "completed", "finished": "completed", "failed": "failed", "interrupted": "stopped"}
 
 
-class TrainbusLogger(Logger, Callback):
+class TrainbusLogger(Adapter, Logger, Callback):
     """Publishes a Lightning training. ``name``/``project``: the run's name and project at the sinks
     (default: the LightningModule's class name, and TRAINBUS_PLATFORM_PROJECT or ``lightning``)."""
 
-    def __init__(
-        self, *, name: str | None = None, project: str | None = None, settings: Settings | None = None, **overrides: Any
-    ) -> None:
-        super().__init__()
-        self.settings = settings or Settings.from_env(**overrides)
-        self.run_name, self.project = name, project
-        self.publisher: Publisher | None = None
-        self._failed = False
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._trainer: Trainer | None = None
         self._epoch = 0
         self._epoch_started = time.monotonic()
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Into ``ddp_spawn``'s processes: settings and names only (rank 0 opens its own publisher)."""
-        return {"settings": self.settings, "run_name": self.run_name, "project": self.project}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(name=state["run_name"], project=state["project"], settings=state["settings"])
-
     def bus(self) -> Publisher | None:
-        """The publisher, opened on first use; None (said once) when it cannot open."""
-        if self.publisher is None and not self._failed:
-            try:
-                self.publisher = Publisher(self.settings)
-            except Exception as exc:
-                self._failed = True
-                log.error("trainbus cannot record this training (%s: %s); it goes on unrecorded", type(exc), exc)
-        return self.publisher
+        return self.open_bus()
 
     # -- Logger ------------------------------------------------------------------------
 
@@ -120,9 +97,7 @@ class TrainbusLogger(Logger, Callback):
             if score is not None:
                 summary["best_fitness"] = float(score)
             bus.final(best, self._epoch, metrics, summary=summary)
-        bus.end(STATUS.get(status, "completed" if status == "success" else "failed"))
-        bus.close()
-        self.publisher = None
+        self.close_bus(STATUS.get(status, "failed"))
 
     # -- Callback ----------------------------------------------------------------------
 

@@ -20,7 +20,6 @@ process zero publishes (``state.is_world_process_zero``).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -28,47 +27,25 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from producers.adapter import Adapter
 from producers.publisher import Publisher
-from shared.settings import Settings
-
-log = logging.getLogger("trainbus.transformers")
 
 WEIGHTS = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors")
 
 
-class TrainbusCallback(TrainerCallback):
+class TrainbusCallback(Adapter, TrainerCallback):
     """Publishes one ``Trainer.train()``. ``name``/``project``: the run's name and project at the sinks
     (default: ``args.run_name``, and TRAINBUS_PLATFORM_PROJECT or ``transformers``)."""
 
-    def __init__(
-        self, *, name: str | None = None, project: str | None = None, settings: Settings | None = None, **overrides: Any
-    ) -> None:
-        self.settings = settings or Settings.from_env(**overrides)
-        self.run_name, self.project = name, project
-        self.publisher: Publisher | None = None
-        self._failed = False
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._latest: dict[str, float] = {}
         self._last_saved: str | None = None
         self._epoch_started = time.monotonic()
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Settings and names only: a pickled callback opens its own publisher where it runs."""
-        return {"settings": self.settings, "run_name": self.run_name, "project": self.project}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(name=state["run_name"], project=state["project"], settings=state["settings"])
-
     def bus(self, state: TrainerState) -> Publisher | None:
-        """The publisher in the world's process zero, opened on first use; None elsewhere or if it cannot open."""
-        if not state.is_world_process_zero:
-            return None
-        if self.publisher is None and not self._failed:
-            try:
-                self.publisher = Publisher(self.settings)
-            except Exception as exc:
-                self._failed = True
-                log.error("trainbus cannot record this training (%s: %s); it goes on unrecorded", type(exc), exc)
-        return self.publisher
+        """The publisher in the world's process zero; None elsewhere or if it cannot open."""
+        return self.open_bus() if state.is_world_process_zero else None
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kw: Any
@@ -125,9 +102,9 @@ class TrainbusCallback(TrainerCallback):
             if state.best_metric is not None:
                 summary["best_fitness"] = float(state.best_metric)
             bus.final(best, _epoch(state), dict(self._latest), summary=summary)
-        bus.end("stopped" if control.should_training_stop and state.epoch < args.num_train_epochs else "completed")
-        bus.close()
-        self.publisher = None
+        self.close_bus(
+            "stopped" if control.should_training_stop and state.epoch < args.num_train_epochs else "completed"
+        )
 
     def _epoch_done(self, state: TrainerState) -> None:
         if bus := self.bus(state):

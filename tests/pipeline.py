@@ -236,3 +236,23 @@ def metrics_by_epoch(hub: HubServer, model: str) -> dict[int, list[dict]]:
 
 def gaps(times: list[float]) -> list[float]:
     return [b - a for a, b in itertools.pairwise(times)]
+
+
+def framework_pipeline(redis_url: str, namespace: str, spool_dir: Path, platform: Any, workdir: Path) -> Pipeline:
+    """A dispatcher and the platform and clearml workers (ClearML offline, sessions in workdir/clearml)
+    for a framework's real training writing under ``workdir``; stop() it."""
+    pipeline = Pipeline(
+        redis_url,
+        namespace,
+        None,
+        spool_dir,
+        TRAINBUS_SINKS="platform,clearml",
+        TRAINBUS_FILE_ROOTS=f"{spool_dir}:{workdir}",
+        CLEARML_OFFLINE_MODE="1",
+        CLEARML_CACHE_DIR=workdir / "clearml",
+        **platform.env(),
+    )
+    pipeline.dispatcher()
+    pipeline.worker("platform")
+    pipeline.worker("clearml")
+    return pipeline

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import stream_events
 from tests.helpers import producer_env, wait_for
-from tests.pipeline import Pipeline
+from tests.pipeline import framework_pipeline
 from tests.test_clearml_pipeline import completed as session_closed
 from tests.test_clearml_pipeline import plotted_iterations, sessions
 
@@ -29,20 +29,7 @@ NAME = "tiny-regressor"
 
 @pytest.fixture
 def pipeline(redis_url, namespace, spool_dir, platform, tmp_path):
-    p = Pipeline(
-        redis_url,
-        namespace,
-        None,
-        spool_dir,
-        TRAINBUS_SINKS="platform,clearml",
-        TRAINBUS_FILE_ROOTS=f"{spool_dir}:{tmp_path}",
-        CLEARML_OFFLINE_MODE="1",
-        CLEARML_CACHE_DIR=tmp_path / "clearml",
-        **platform.env(),
-    )
-    p.dispatcher()
-    p.worker("platform")
-    p.worker("clearml")
+    p = framework_pipeline(redis_url, namespace, spool_dir, platform, tmp_path)
     yield p
     p.stop()
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import stream_events
 from tests.helpers import producer_env, wait_for
-from tests.pipeline import Pipeline
+from tests.pipeline import framework_pipeline
 from tests.test_clearml_pipeline import completed as session_closed
 from tests.test_clearml_pipeline import plotted_iterations, sessions
 
@@ -28,21 +28,8 @@ NAME = "tiny-bert"
 def test_a_trainer_run_reaches_the_platform_and_clearml_once(
     redis_url, namespace, spool_dir, platform, client, keys, tmp_path
 ):
-    pipeline = Pipeline(
-        redis_url,
-        namespace,
-        None,
-        spool_dir,
-        TRAINBUS_SINKS="platform,clearml",
-        TRAINBUS_FILE_ROOTS=f"{spool_dir}:{tmp_path}",
-        CLEARML_OFFLINE_MODE="1",
-        CLEARML_CACHE_DIR=tmp_path / "clearml",
-        **platform.env(),
-    )
+    pipeline = framework_pipeline(redis_url, namespace, spool_dir, platform, tmp_path)
     try:
-        pipeline.dispatcher()
-        pipeline.worker("platform")
-        pipeline.worker("clearml")
         env = {**producer_env(redis_url, namespace, spool_dir), "TRAINBUS_RUN_ID": "hf-run"}
         out = subprocess.run(
             [sys.executable, str(ROOT / "tests" / "transformers_training.py"), str(tmp_path)],
