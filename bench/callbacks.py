@@ -3,6 +3,8 @@
     python bench/callbacks.py                       # stand-in trainer, 30 MB checkpoints, Redis up and down
     python bench/callbacks.py --ckpt-mb 260         # a yolov8m-size checkpoint
     python bench/callbacks.py --real --epochs 10    # inside a real tiny YOLO training (needs ultralytics)
+    python bench/callbacks.py --adapters            # beside them, the Lightning and transformers adapters'
+                                                    # hooks in real tiny trainings (trainbus[lightning,transformers])
 
 The callbacks are trainbus's (``producers.ultralytics``), each wrapped in a timer. With the
 stand-in trainer (the attributes and call order of Ultralytics' trainer, a checkpoint of
@@ -14,6 +16,11 @@ training on generated images (CPU) is run with the callbacks timed in place, Red
 before four of them a probe times two tiny operations at the same point (an ``orjson.dumps``
 of two keys; before ``on_model_save`` an ``os.stat`` of last.pt): the floor that the training's
 cold caches set there.
+
+With ``--adapters``, the stand-in's Ultralytics case (Redis up) is printed beside real tiny
+trainings with ``producers.lightning.TrainbusLogger`` (its logger and callback methods) and
+``producers.transformers.TrainbusCallback`` (``tests/lightning_training.py``,
+``tests/transformers_training.py``, CPU), each hook timed in place.
 
 Printed per case and callback: calls, p50, p99 and max in microseconds. One-offs are shown
 apart: ``on_pretrain_routine_start`` (opens the publisher), ``on_train_end`` (the final, once)
@@ -111,13 +118,7 @@ def stand_in(redis_url: str, epochs: int, ckpt_mb: float, gap_s: float) -> dict[
     """Microseconds per call of each callback over a stand-in training."""
     samples: dict[str, list[float]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="bench-callbacks-") as tmp:
-        settings = Settings.from_env(
-            redis_url=redis_url,
-            namespace=f"bench-{uuid.uuid4().hex[:8]}",
-            spool_dir=Path(tmp) / "spool",
-            run_id=f"bench-{uuid.uuid4().hex[:8]}",
-            console=False,
-        )
+        settings = bench_settings(redis_url, Path(tmp))
         hooks = UltralyticsHooks(settings, fixed_run_id=True)
         callbacks = hooks.callbacks()
         t = StandInTrainer(Path(tmp) / "run", epochs, ckpt_mb)
@@ -246,6 +247,88 @@ def real(redis_url: str, epochs: int, model: str) -> dict[str, list[float]]:
         return samples
 
 
+def timed(adapter: Any, names: tuple[str, ...], samples: dict[str, list[float]]) -> None:
+    """Each named hook of ``adapter`` replaced, on the instance, by itself inside a timer."""
+    for name in names:
+        method = getattr(adapter, name)
+
+        def wrapper(*args: Any, _method: Any = method, _name: str = name, **kwargs: Any) -> Any:
+            t0 = time.perf_counter_ns()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                samples[_name].append((time.perf_counter_ns() - t0) / 1000)
+
+        setattr(adapter, name, wrapper)
+
+
+def lightning_case(redis_url: str, epochs: int) -> dict[str, list[float]]:
+    """A real tiny Lightning training (``tests/lightning_training.py``'s model), its adapter's hooks timed."""
+    import lightning as L
+
+    from producers.lightning import TrainbusLogger
+    from tests.lightning_training import TinyRegressor, data
+
+    samples: dict[str, list[float]] = defaultdict(list)
+    with tempfile.TemporaryDirectory(prefix="bench-lightning-", ignore_cleanup_errors=True) as tmp:
+        bus = TrainbusLogger(name="bench", settings=bench_settings(redis_url, Path(tmp)))
+        hooks = ("on_fit_start", "on_train_epoch_start", "on_train_epoch_end", "log_hyperparams", "log_metrics")
+        timed(bus, (*hooks, "after_save_checkpoint", "finalize"), samples)
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            logger=bus,
+            callbacks=[bus, L.pytorch.callbacks.ModelCheckpoint(dirpath=Path(tmp) / "ckpt", save_last=True)],
+            default_root_dir=tmp,
+            log_every_n_steps=1,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(TinyRegressor(), data(64, 0), data(32, 1))
+    return dict(samples)
+
+
+def transformers_case(redis_url: str, epochs: int) -> dict[str, list[float]]:
+    """A real tiny Trainer run (``tests/transformers_training.py``'s model and data), its callback timed."""
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    from producers.transformers import TrainbusCallback
+    from tests.transformers_training import Tokens
+
+    samples: dict[str, list[float]] = defaultdict(list)
+    with tempfile.TemporaryDirectory(prefix="bench-transformers-", ignore_cleanup_errors=True) as tmp:
+        callback = TrainbusCallback(name="bench", settings=bench_settings(redis_url, Path(tmp)))
+        names = ("on_train_begin", "on_epoch_begin", "on_log", "on_evaluate", "on_epoch_end", "on_save", "on_train_end")
+        timed(callback, names, samples)
+        config = BertConfig(
+            vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+        args = TrainingArguments(
+            output_dir=str(Path(tmp) / "out"),
+            num_train_epochs=epochs,
+            per_device_train_batch_size=16,
+            logging_steps=1,
+            eval_strategy="epoch",
+            save_strategy="epoch",
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        model = BertForSequenceClassification(config)
+        Trainer(model, args, train_dataset=Tokens(64, 0), eval_dataset=Tokens(32, 1), callbacks=[callback]).train()
+    return dict(samples)
+
+
+def bench_settings(redis_url: str, tmp: Path) -> Settings:
+    return Settings.from_env(
+        redis_url=redis_url,
+        namespace=f"bench-{uuid.uuid4().hex[:8]}",
+        spool_dir=tmp / "spool",
+        run_id=f"bench-{uuid.uuid4().hex[:8]}",
+        console=False,
+    )
+
+
 def rows(case: str, samples: dict[str, list[float]]) -> list[tuple]:
     out = []
     for name, values in samples.items():
@@ -274,9 +357,27 @@ def main() -> None:
     parser.add_argument(
         "--model", default="yolov8n.yaml", help="with --real: yolov8n.yaml (30 MB checkpoints), yolov8m.yaml, ..."
     )
+    parser.add_argument(
+        "--adapters", action="store_true", help="also the Lightning and transformers adapters, in real tiny trainings"
+    )
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     args = parser.parse_args()
     redis.Redis.from_url(args.redis_url, socket_connect_timeout=2).ping()
+    if args.adapters:
+        cases = {
+            "Ultralytics (stand-in)": stand_in(args.redis_url, args.epochs, args.ckpt_mb, args.gap_ms / 1000),
+            "Lightning (real, tiny)": lightning_case(args.redis_url, 3),
+            "transformers (real, tiny)": transformers_case(args.redis_url, 3),
+        }
+        print(f"the adapters' hooks, each call timed, Redis up (Ultralytics: {args.epochs} stand-in epochs)")
+        every = [
+            (case, name, len(v), statistics.median(v), percentile(v, 99), max(v))
+            for case, samples in cases.items()
+            for name, v in samples.items()
+            if name != WINDOW and v
+        ]
+        print(table(("case", "hook", "calls", "p50 µs", "p99 µs", "max µs"), every))
+        return
     if args.real:
         cases = {
             "real YOLO, Redis up": real(args.redis_url, args.epochs, args.model),
