@@ -67,9 +67,9 @@ class Delivery:
         self.control = Control.attach(run.dir)
         self.snapshots = Snapshotter(run.checkpoint_dir)
         self.tail = SpoolTail(run, self.snapshots, from_seq)
-        self.pusher = Pusher(
-            run, connect(settings.redis_url, PRODUCER), Keys(settings.namespace), self.snapshots, self.tail
-        )
+        client = connect(settings.redis_url, PRODUCER)
+        keys = Keys(settings.namespace)
+        self.pusher = Pusher(run, client, keys, self.snapshots, self.tail, min_replicas=settings.redis_min_replicas)
         self.system = SystemSampler() if system else None
         self.writer_gone = False
         self.superseded = False  # a new training process of the run took over

@@ -64,13 +64,13 @@ def pending_runs(root: Path, run_ids: list[str] | None = None) -> list[RunSpool]
     return [r for r in runs if r.segments() and r.writer_lock.is_free()]
 
 
-def drain_run(run: RunSpool, client: redis.Redis, keys: Keys) -> int | None:
+def drain_run(run: RunSpool, client: redis.Redis, keys: Keys, min_replicas: int = 0) -> int | None:
     """Push one run's spool; None when another process holds its pusher lock."""
     if not run.pusher_lock.acquire():
         return None
     try:
         run.drop_spare()  # its writer is gone (pending_runs): the next segment it made ahead is not needed
-        pusher = Pusher(run, client, keys, Snapshotter(run.checkpoint_dir))
+        pusher = Pusher(run, client, keys, Snapshotter(run.checkpoint_dir), min_replicas=min_replicas)
         return pusher.push_available()
     finally:
         run.pusher_lock.release()
@@ -84,6 +84,7 @@ def drain(
     run_ids: list[str] | None = None,
     give_up_after: float = DRAINER_GIVE_UP_S,
     on_progress: Callable[[str, int], None] | None = None,
+    min_replicas: int = 0,
 ) -> DrainReport:
     """Push every pending run until done, retrying with backoff while Redis is down and waiting
     for pusher locks held by other processes. A file error of the spool itself stops it."""
@@ -96,7 +97,7 @@ def drain(
         locked = 0
         try:
             for run in runs:
-                n = drain_run(run, client, keys)
+                n = drain_run(run, client, keys, min_replicas)
                 if n is None:
                     locked += 1
                     continue
@@ -165,6 +166,7 @@ def spawn_detached(root: Path, settings: Settings, args: list[str], pass_fds: tu
         TRAINBUS_REDIS_URL=settings.redis_url,
         TRAINBUS_NAMESPACE=settings.namespace,
         TRAINBUS_SNAPSHOT_RETENTION_H=repr(settings.snapshot_retention_h),
+        TRAINBUS_REDIS_MIN_REPLICAS=str(settings.redis_min_replicas),
     )
     root.mkdir(parents=True, exist_ok=True)
     with open(root / DRAIN_LOG, "ab") as logfile:
@@ -194,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env(spool_dir=args.spool_dir)
     keys = Keys(settings.namespace)
     deadline = time.monotonic() + DRAINER_GIVE_UP_S
-    report = drain(args.spool_dir, settings.redis_url, keys, run_ids=args.run_ids or None)
+    report = drain(
+        args.spool_dir, settings.redis_url, keys, run_ids=args.run_ids or None, min_replicas=settings.redis_min_replicas
+    )
     if report.runs_left:
         log.error("gave up; still in the spool: %s (%s)", report.runs_left, report.last_error)
         return 1

@@ -25,8 +25,10 @@ import redis
 
 from producers.snapshot import SNAPSHOT_TYPES, Snapshotter
 from producers.spool import Position, Record, RunSpool, read_records
+from shared.errors import TrainbusError
 from shared.events import EventType
 from shared.keys import PUSHED_TTL_S, Keys
+from shared.redis_client import REPLICA_WAIT_MS
 
 BATCH_RECORDS = 256
 
@@ -75,6 +77,10 @@ class Bound(Protocol):
     published: tuple[Path | None, int]
 
 
+class NotReplicated(TrainbusError, redis.ConnectionError):
+    """Fewer replicas than TRAINBUS_REDIS_MIN_REPLICAS acknowledged a batch: retried like an unavailable Redis."""
+
+
 class Pusher:
     """Pushes one run's spooled records to the stream, in order, each exactly once.
 
@@ -83,9 +89,19 @@ class Pusher:
     """
 
     def __init__(
-        self, run: RunSpool, client: redis.Redis, keys: Keys, snapshots: Snapshotter, bound: Bound | None = None
+        self,
+        run: RunSpool,
+        client: redis.Redis,
+        keys: Keys,
+        snapshots: Snapshotter,
+        bound: Bound | None = None,
+        *,
+        min_replicas: int = 0,
     ) -> None:
+        """``min_replicas`` (TRAINBUS_REDIS_MIN_REPLICAS): a batch counts as pushed, and its spool records
+        may go, only once WAIT says that many replicas hold it; a failover cannot lose it then."""
         self.run = run
+        self.min_replicas = min_replicas
         self.client = client
         self.keys = keys
         self.snapshots = snapshots
@@ -123,7 +139,10 @@ class Pusher:
         args: list[Any] = [PUSHED_TTL_S, self.run.spool_id]
         for record, data in batch:
             args += [record.seq, data]
-        self.pushed = int(self._script(keys=[self.keys.events, self.keys.producer(self.run.run_id)], args=args))
+        pushed = int(self._script(keys=[self.keys.events, self.keys.producer(self.run.run_id)], args=args))
+        if self.min_replicas:
+            self._wait_for_replicas()
+        self.pushed = pushed
         self._advance(batch[-1][0].end)
         for record, _ in batch:
             if record.type in SNAPSHOT_TYPES:
@@ -131,6 +150,16 @@ class Pusher:
             elif record.type == EventType.RUN_END.value:
                 self.ended = True
         return len(batch)
+
+    def _wait_for_replicas(self) -> None:
+        """Until enough replicas hold what this connection wrote (at most REPLICA_WAIT_MS), else raise:
+        the batch stays in the spool and the next try pushes it again (the script skips what is there)."""
+        acked = int(self.client.wait(self.min_replicas, REPLICA_WAIT_MS))
+        if acked < self.min_replicas:
+            raise NotReplicated(
+                f"run {self.run.run_id}: {acked} of {self.min_replicas} replicas hold the batch after "
+                f"{REPLICA_WAIT_MS} ms (TRAINBUS_REDIS_MIN_REPLICAS); it stays in the spool and is pushed again"
+            )
 
     def _next_records(self) -> list[Record]:
         """Records after the current position, moving past (and removing) pushed segments."""

@@ -21,6 +21,7 @@ from shared.errors import SettingsError
 from shared.events import RUN_ID_PATTERN
 from shared.hub_model import HubModelRef, parse_hub_model
 from shared.keys import DEFAULT_NAMESPACE
+from shared.redis_client import SENTINEL_SCHEMES, is_sentinel, parse_sentinel_url
 from shared.sinks import SINKS
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -90,6 +91,12 @@ def flag_setting(variable: str, value: str) -> bool:
     return value.lower() in ("1", "true", "yes", "on")
 
 
+def replicas_setting(variable: str, value: str) -> int:
+    if not value.isdigit():
+        raise SettingsError(variable, f"{value[:40]!r} is not a whole number (0: do not wait for replicas)")
+    return int(value)
+
+
 def count_setting(variable: str, value: str) -> int:
     """A whole number of at least 1 (requests per window, say)."""
     if not value.isdigit() or int(value) < 1:
@@ -127,11 +134,18 @@ def hub_model_setting(variable: str, value: str) -> HubModelRef:
 
 def redis_url_setting(variable: str, url: str) -> str:
     """Refuse URLs redis-py would misread later; never echo a password."""
+    if is_sentinel(url):
+        try:
+            parse_sentinel_url(url)
+        except ValueError as exc:
+            raise SettingsError(variable, str(exc)) from None
+        return url
     parsed = urlparse(url)
     if parsed.scheme not in REDIS_SCHEMES:
         raise SettingsError(
             variable,
-            f"scheme {parsed.scheme!r} is not one of {', '.join(REDIS_SCHEMES)} (e.g. redis://127.0.0.1:6379/0)",
+            f"scheme {parsed.scheme!r} is not one of {', '.join(REDIS_SCHEMES + SENTINEL_SCHEMES)} "
+            "(e.g. redis://127.0.0.1:6379/0)",
         )
     if parsed.scheme != "unix" and not parsed.hostname:
         raise SettingsError(variable, "the URL has no host (e.g. redis://127.0.0.1:6379/0)")
@@ -202,6 +216,8 @@ class Settings:
     spool_dir: Path = env_field("TRAINBUS_SPOOL_DIR", path_setting, default_factory=default_spool_dir)
     exit_flush_s: float = env_field("TRAINBUS_EXIT_FLUSH_S", number_setting, default=5.0)
     spool_max_mb: float = env_field("TRAINBUS_SPOOL_MAX_MB", megabytes_setting, default=512.0)
+    # A spool record goes only once WAIT says this many replicas hold it (a failover cannot lose it).
+    redis_min_replicas: int = env_field("TRAINBUS_REDIS_MIN_REPLICAS", replicas_setting, default=0)
     console: bool = env_field("TRAINBUS_CONSOLE", flag_setting, default=True)
     snapshot_retention_h: float = env_field("TRAINBUS_SNAPSHOT_RETENTION_H", hours_setting, default=24.0)
 
@@ -239,6 +255,8 @@ class WorkerSettings:
         "TRAINBUS_FILE_ROOTS", paths_setting, default_factory=lambda: (default_spool_dir().resolve(),)
     )
     group_abandon_h: float = env_field("TRAINBUS_GROUP_ABANDON_H", hours_setting, default=24.0)
+    # The dispatcher handles entries only once WAIT says this many replicas hold them.
+    redis_min_replicas: int = env_field("TRAINBUS_REDIS_MIN_REPLICAS", replicas_setting, default=0)
     platform_url: str = env_field("TRAINBUS_PLATFORM_URL", http_url_setting, default=DEFAULT_PLATFORM_URL)
     platform_api_key: str | None = env_field("TRAINBUS_PLATFORM_API_KEY", text_setting, default=None, repr=False)
     # Compose cannot say "this URL unless a key is set": the stack sets this to its devstack's local Platform.
@@ -284,7 +302,10 @@ class WorkerSettings:
 def redact_url(url: str) -> str:
     """The URL with any password replaced by ``***``, for logs and errors."""
     parsed = urlparse(url)
-    if parsed.password is None:
+    query = re.sub(r"(sentinel_password=)[^&]*", r"\1***", parsed.query)
+    netloc = parsed.netloc
+    if parsed.password is not None:
+        netloc = netloc.replace(f":{parsed.password}@", ":***@", 1)
+    if (netloc, query) == (parsed.netloc, parsed.query):
         return url
-    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)
-    return parsed._replace(netloc=netloc).geturl()
+    return parsed._replace(netloc=netloc, query=query).geturl()

@@ -1,4 +1,5 @@
-"""A TCP proxy that delays every chunk it forwards: a slow link in front of Redis, for tests."""
+"""A TCP proxy that delays every chunk it forwards (a slow link in front of Redis), and can hold
+them (a replication link that stops moving), for tests."""
 
 from __future__ import annotations
 
@@ -19,7 +20,15 @@ class DelayProxy:
         self.port = self._server.getsockname()[1]
         self._closed = False
         self._sockets: list[socket.socket] = []
+        self.flowing = threading.Event()  # cleared by hold(): nothing is forwarded until release()
+        self.flowing.set()
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self) -> None:
+        self.flowing.clear()
+
+    def release(self) -> None:
+        self.flowing.set()
 
     @property
     def url(self) -> str:
@@ -47,6 +56,7 @@ class DelayProxy:
         with contextlib.suppress(OSError):
             while chunk := source.recv(65536):
                 time.sleep(self.delay)
+                self.flowing.wait()
                 dest.sendall(chunk)
         for sock in (source, dest):
             with contextlib.suppress(OSError):

@@ -23,7 +23,7 @@ def mlflow_args(uri: str | None) -> list[str]:
 
 
 def test_hooks_benchmark_runs(redis_url, mlflow_uri):
-    stdout = run_bench("hooks.py", "--calls", "200", "--redis-url", redis_url, *mlflow_args(mlflow_uri))
+    stdout = run_bench("hooks.py", "--calls", "60", "--redis-url", redis_url, *mlflow_args(mlflow_uri))
     for case in (
         "no hook",
         "trainbus, Redis up",

@@ -122,3 +122,31 @@ def test_hub_identifiers_reduce_to_the_model_id(identifier):
 def test_redact_url():
     assert redact_url("redis://u:secret@h:1/0") == "redis://u:***@h:1/0"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_sentinel_urls_are_parsed_and_bad_ones_say_what_is_wrong():
+    from shared.redis_client import parse_sentinel_url
+    from shared.settings import redact_url
+
+    url = "rediss+sentinel://app:p%40ss@10.0.0.1:26379,10.0.0.2:26380/main/2?sentinel_password=zq9x&ssl_ca_certs=/ca"
+    assert Settings.from_env({"TRAINBUS_REDIS_URL": url}).redis_url == url
+    s = parse_sentinel_url(url)
+    assert s.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26380)) and (s.master, s.db) == ("main", 2)
+    assert (s.username, s.password, s.sentinel_password) == ("app", "p@ss", "zq9x")
+    assert s.tls == {"ssl": True, "ssl_ca_certs": "/ca"}
+    assert "p%40ss" not in redact_url(url) and "zq9x" not in redact_url(url)
+    for bad, says in [
+        ("redis+sentinel:///main/0", "no sentinel addresses"),
+        ("redis+sentinel://h:1/", "/MASTER_NAME"),
+        ("redis+sentinel://h:port/main", "not host:port"),
+        ("redis+sentinel://h:1/main/x", "must be a number"),
+    ]:
+        with pytest.raises(SettingsError, match=says):
+            Settings.from_env({"TRAINBUS_REDIS_URL": bad})
+
+
+def test_min_replicas_is_a_whole_number():
+    assert Settings.from_env({"TRAINBUS_REDIS_MIN_REPLICAS": "1"}).redis_min_replicas == 1
+    assert WorkerSettings.from_env({}).redis_min_replicas == 0
+    with pytest.raises(SettingsError, match="TRAINBUS_REDIS_MIN_REPLICAS"):
+        Settings.from_env({"TRAINBUS_REDIS_MIN_REPLICAS": "-1"})

@@ -255,6 +255,7 @@ def spool_replay(args: argparse.Namespace) -> int:
         run_ids=args.run_ids or None,
         give_up_after=args.wait,
         on_progress=lambda run_id, n: print(f"  {run_id}: {n} events pushed"),
+        min_replicas=settings.redis_min_replicas,
     )
     if report.runs_left:
         reason = report.last_error or "another process (a drainer?) is pushing them"

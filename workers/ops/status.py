@@ -22,6 +22,7 @@ from workers.sinks.registry import sink_class
 def pipeline_status(client: redis.Redis, keys: Keys, sinks: tuple[str, ...]) -> dict[str, Any]:
     now = time.time()
     return {
+        "redis": _replication(client),
         "stream": _stream(client, keys),
         "dead_letters": client.xlen(keys.dead_letters),
         "queues": {sink: _queue(client, keys, sink) for sink in sinks},
@@ -33,6 +34,25 @@ def pipeline_status(client: redis.Redis, keys: Keys, sinks: tuple[str, ...]) -> 
             for sink in sinks
         },
     }
+
+
+def _replication(client: redis.Redis) -> dict[str, Any]:
+    """The node answering (the primary, behind Sentinel) and its replicas with how far behind each is:
+    bytes of the replication stream not yet acknowledged, and seconds since its last acknowledgement."""
+    info = client.info("replication")
+    offset = int(info.get("master_repl_offset", 0))
+    replicas = []
+    for name, value in sorted(info.items()):
+        if name.startswith("slave") and isinstance(value, dict):
+            replicas.append(
+                {
+                    "address": f"{value.get('ip')}:{value.get('port')}",
+                    "state": value.get("state"),
+                    "behind_bytes": max(0, offset - int(value.get("offset", 0))),
+                    "ack_s_ago": value.get("lag"),
+                }
+            )
+    return {"role": info.get("role"), "replicas": replicas}
 
 
 def _stream(client: redis.Redis, keys: Keys) -> dict[str, Any]:
@@ -79,8 +99,15 @@ def _run(client: redis.Redis, keys: Keys, sink: str, run_id: str, now: float) ->
 
 
 def format_status(status: dict[str, Any]) -> str:
-    stream = status["stream"]
-    lines = [f"stream {stream['key']}: {stream['length']} entries, {status['dead_letters']} dead letters"]
+    stream, node = status["stream"], status["redis"]
+    replicas = ", ".join(
+        f"{r['address']} {r['state']} {r['behind_bytes']} B behind, acked {r['ack_s_ago']} s ago"
+        for r in node["replicas"]
+    )
+    lines = [
+        f"redis {node['role']}, replicas: {replicas or 'none'}",
+        f"stream {stream['key']}: {stream['length']} entries, {status['dead_letters']} dead letters",
+    ]
     for name, group in stream["groups"].items():
         fed = "never fed" if group["fed_s_ago"] is None else f"fed {group['fed_s_ago']:.0f} s ago"
         state = f"ABANDONED ({fed}; not waited for; `trainbus groups drop {name}`)" if group["abandoned"] else fed

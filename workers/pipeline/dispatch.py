@@ -26,7 +26,7 @@ from shared.backoff import compute_backoff
 from shared.errors import InvalidEvent
 from shared.events import MAX_SEQ_AHEAD, Event, decode_event
 from shared.keys import Keys
-from shared.redis_client import REDIS_UNAVAILABLE
+from shared.redis_client import REDIS_UNAVAILABLE, REPLICA_WAIT_MS
 from shared.settings import WorkerSettings, redact_url
 from workers.counters import Counters
 from workers.pipeline.groups import mark_fed, refresh_abandoned
@@ -151,6 +151,8 @@ class Dispatcher:
     def _handle(self, sink: str, entries: list) -> None:
         if not entries:
             return
+        if self.settings.redis_min_replicas and not self._replicated():
+            return  # left pending: claimed again once idle, or read again from the promoted replica
         decoded: list[tuple[bytes, Event | InvalidEvent]] = []
         for entry_id, fields in entries:
             raw = fields.get(b"event", b"")
@@ -220,6 +222,18 @@ class Dispatcher:
                 if enqueue_drain(self.client, k, sink, run_id):
                     log.info("requeued %s run %s (no job was queued or running)", sink, run_id)
                     self.stats.jobs_enqueued += 1
+
+    def _replicated(self) -> bool:
+        """Whether the entries just read (and this read) are on TRAINBUS_REDIS_MIN_REPLICAS replicas: WAIT
+        covers this connection's last write, the XREADGROUP after them. Work recorded from entries a
+        failover then loses would be work on events the producer will push again."""
+        wanted = self.settings.redis_min_replicas
+        acked = int(self.client.wait(wanted, REPLICA_WAIT_MS))
+        if acked < wanted:
+            log.warning(
+                "%d of %d replicas hold the entries just read; they wait (TRAINBUS_REDIS_MIN_REPLICAS)", acked, wanted
+            )
+        return acked >= wanted
 
     def _beat(self) -> None:
         """Say this dispatcher is reading (``trainbus health dispatcher``); forget ones silent for a day."""

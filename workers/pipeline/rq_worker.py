@@ -27,7 +27,7 @@ from rq.serializers import DefaultSerializer, JSONSerializer, resolve_serializer
 
 from shared.backoff import compute_backoff
 from shared.errors import SettingsError
-from shared.redis_client import REDIS_UNAVAILABLE
+from shared.redis_client import REDIS_UNAVAILABLE, is_sentinel
 from shared.settings import WorkerSettings
 from shared.sinks import FORKING, SINKS
 from workers.pipeline import drain_job  # noqa: F401 - preloaded, see below
@@ -146,8 +146,15 @@ def worker_command(queue: str) -> list[str]:
 
 def worker_env(env: Mapping[str, str], redis_url: str) -> dict[str, str]:
     """``env`` with the Redis URL where both RQ (``RQ_REDIS_URL``) and trainbus read it, and
-    trainbus's worker class where ``rq worker`` reads it."""
-    return {**env, "RQ_REDIS_URL": redis_url, "TRAINBUS_REDIS_URL": redis_url, "RQ_WORKER_CLASS": WORKER_CLASS}
+    trainbus's worker class where ``rq worker`` reads it. A Sentinel URL reaches RQ through its
+    settings module instead (``workers/pipeline/rq_settings.py``)."""
+    out = {**env, "TRAINBUS_REDIS_URL": redis_url, "RQ_WORKER_CLASS": WORKER_CLASS}
+    if is_sentinel(redis_url):
+        out.pop("RQ_REDIS_URL", None)
+        out["RQ_CONFIG"] = "workers.pipeline.rq_settings"
+    else:
+        out["RQ_REDIS_URL"] = redis_url
+    return out
 
 
 def show_trainbus_logs(level: int = logging.INFO) -> None:
