@@ -7,7 +7,8 @@
 #     the stack. --build-arg TORCH="torch==2.13.0 --index-url <a CPU wheel index>" for a small
 #     CPU-only build (the default pulls the CUDA build, several GB).
 FROM python:3.11-slim AS worker
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 RQ_WORKER_CLASS=workers.pipeline.rq_worker.SinkWorker
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 RQ_WORKER_CLASS=workers.pipeline.rq_worker.SinkWorker \
+    RQ_CONFIG=workers.pipeline.rq_settings
 WORKDIR /app
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']; \

@@ -89,3 +89,13 @@ def test_worker_commands_are_plain_rq_worker_commands(service, sink):
     assert COMPOSE["services"][service]["command"] == ["rq", "worker", Keys().queue(sink)]
     assert COMPOSE["services"][service]["init"] is True, "SIGTERM must reach the worker"
     assert f"RQ_WORKER_CLASS={WORKER_CLASS}" in (ROOT / "Dockerfile").read_text()
+
+
+def test_the_ha_profile_is_a_replica_and_three_sentinels_and_every_rq_worker_reads_trainbus_url():
+    services = COMPOSE["services"]
+    ha = {name for name, service in services.items() if "ha" in service.get("profiles", [])}
+    assert ha == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+    assert "--replicaof" in services["redis-replica"]["command"]
+    assert all("--sentinel" in services[f"sentinel-{i}"]["command"][-1] for i in (1, 2, 3))
+    assert "RQ_CONFIG=workers.pipeline.rq_settings" in (ROOT / "Dockerfile").read_text(), "rq worker reads TRAINBUS_*"
+    assert "RQ_REDIS_URL" not in services["platform"]["environment"], "it would win over RQ_CONFIG"

@@ -131,7 +131,8 @@ def stack():
         pytest.skip("no Docker engine answers (../shared/tools/docker-env installs and starts one)")
     s = Stack()
     yield s
-    subprocess.run(s.command("--profile", "demo", "down", "-v"), cwd=ROOT, env=s.env, capture_output=True)
+    everything = ("--profile", "demo", "--profile", "ha", "down", "-v")
+    subprocess.run(s.command(*everything), cwd=ROOT, env=s.env, capture_output=True)
 
 
 def test_the_stack_comes_up_healthy_delivers_trainings_through_restarts_and_stops_gracefully(stack, tmp_path, capsys):
@@ -228,6 +229,67 @@ def test_the_stack_comes_up_healthy_delivers_trainings_through_restarts_and_stop
         print(
             "demo output (around the restarts, and the end):\n"
             + "".join([*[line for line in output if line.startswith("epoch ")][:6], "...\n", *output[-10:]])
+        )
+
+
+def test_the_ha_profile_fails_over_and_the_stack_follows_it(stack, capsys):
+    """``--profile ha`` with the Sentinel URL and TRAINBUS_REDIS_MIN_REPLICAS=1: the primary's container
+    killed, a Sentinel promotes the replica, every process follows, and the demo trains and is delivered
+    (its dependency start brings the old primary back, as a replica)."""
+    stack.env.update(
+        TRAINBUS_STACK_REDIS_URL="redis+sentinel://sentinel-1:26379,sentinel-2:26379,sentinel-3:26379/trainbus/0",
+        TRAINBUS_REDIS_MIN_REPLICAS="1",
+        TRAINBUS_SUBNET="172.29.87.0/24",
+        TRAINBUS_REDIS_IP="172.29.87.10",
+        TRAINBUS_REDIS_REPLICA_IP="172.29.87.11",
+    )
+    ha = ("--profile", "ha")
+    stack.compose(*ha, "--profile", "demo", "build", timeout=1800)
+    stack.compose(*ha, "up", "-d", "--wait", *DEVSTACK, "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3")
+
+    def primary() -> str:
+        ask = [
+            "exec",
+            "-T",
+            "sentinel-1",
+            "redis-cli",
+            "-p",
+            "26379",
+            "sentinel",
+            "get-master-addr-by-name",
+            "trainbus",
+        ]
+        return stack.compose(*ha, *ask).stdout.split()[0]
+
+    assert primary() == "172.29.87.10"
+    killed = time.monotonic()
+    stack.compose(*ha, "kill", "redis")
+    wait_for(lambda: primary() == "172.29.87.11", timeout=60, interval=1)
+    promoted_s = time.monotonic() - killed
+    demo = stack.compose(
+        *ha,
+        "--profile",
+        "demo",
+        "run",
+        "--rm",
+        "-T",
+        "demo",
+        "trainbus",
+        "demo",
+        "--stack",
+        "--epochs",
+        "5",
+        "--workdir",
+        "/data/demo",
+        timeout=600,
+    )
+    assert "everything delivered" in demo.stdout, demo.stdout
+    model = _completed(stack, "trainbus-demo")
+    assert [e["epoch"] for e in model["runs"][-1]["epochs"]] == list(range(6)), "every epoch once"
+    with capsys.disabled():
+        print(
+            f"\nha: the replica promoted {promoted_s:.1f} s after the primary's container was killed; "
+            f"the demo delivered in {time.monotonic() - killed:.1f} s after the kill"
         )
 
 

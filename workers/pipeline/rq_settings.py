@@ -1,32 +1,38 @@
-"""RQ's settings module for a Sentinel URL (``RQ_CONFIG=workers.pipeline.rq_settings``).
+"""RQ's settings module (``RQ_CONFIG=workers.pipeline.rq_settings``): ``rq worker`` connects where
+``TRAINBUS_REDIS_URL`` says, a Sentinel URL included.
 
 ``rq worker`` reads ``RQ_REDIS_URL`` with redis-py's ``from_url``, which knows no Sentinel URL;
-from a settings module it takes a ``SENTINEL`` dict instead. This one is built from
-``TRAINBUS_REDIS_URL`` (``worker_env`` sets RQ_CONFIG to it when that URL is a Sentinel URL), so
-the worker follows the primary as the rest of trainbus does.
+from a settings module it takes ``REDIS_URL``, or a ``SENTINEL`` dict. The worker image sets
+RQ_CONFIG to this module, and ``worker_env`` does for a Sentinel URL, so the worker follows the
+primary as the rest of trainbus does. (RQ_REDIS_URL, if set, wins over this module.)
 """
 
 from __future__ import annotations
 
 import os
 
-from shared.redis_client import WORKER, parse_sentinel_url
+from shared.redis_client import WORKER, is_sentinel, parse_sentinel_url
+from shared.settings import DEFAULT_REDIS_URL
 
-_url = parse_sentinel_url(os.environ["TRAINBUS_REDIS_URL"])
-_common = {"socket_connect_timeout": WORKER.connect, **_url.tls}
+_url = os.environ.get("TRAINBUS_REDIS_URL") or DEFAULT_REDIS_URL
 
-SENTINEL = {
-    "INSTANCES": list(_url.sentinels),
-    "MASTER_NAME": _url.master,
-    "DB": _url.db,
-    "USERNAME": _url.username,
-    "PASSWORD": _url.password,
-    "SOCKET_TIMEOUT": WORKER.socket,
-    "CONNECTION_KWARGS": _common,
-    "SENTINEL_KWARGS": {
-        "socket_timeout": WORKER.socket,
-        "username": _url.sentinel_username,
-        "password": _url.sentinel_password,
-        **_common,
-    },
-}
+if not is_sentinel(_url):
+    REDIS_URL = _url
+else:
+    _parsed = parse_sentinel_url(_url)
+    _common = {"socket_connect_timeout": WORKER.connect, **_parsed.tls}
+    SENTINEL = {
+        "INSTANCES": list(_parsed.sentinels),
+        "MASTER_NAME": _parsed.master,
+        "DB": _parsed.db,
+        "USERNAME": _parsed.username,
+        "PASSWORD": _parsed.password,
+        "SOCKET_TIMEOUT": WORKER.socket,
+        "CONNECTION_KWARGS": _common,
+        "SENTINEL_KWARGS": {
+            "socket_timeout": WORKER.socket,
+            "username": _parsed.sentinel_username,
+            "password": _parsed.sentinel_password,
+            **_common,
+        },
+    }
