@@ -107,7 +107,10 @@ def sessions(cache_dir: Path) -> dict[str, Path]:
     """Offline session folders by task name."""
     found = {}
     for task_json in (cache_dir / "offline").glob("*/task.json"):
-        found[json.loads(task_json.read_text())["name"]] = task_json.parent
+        try:
+            found[json.loads(task_json.read_text())["name"]] = task_json.parent
+        except json.JSONDecodeError:  # the SDK is writing it right now: seen at the next look
+            continue
     return found
 
 
