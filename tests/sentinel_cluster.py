@@ -22,17 +22,11 @@ MASTER = "trainbus-primary"
 class SentinelCluster:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
-        self.primary = RedisServer(directory / "primary").start()
+        aof = ("--appendonly", "yes")  # a primary restarted in place must not come back empty
+        self.primary = RedisServer(directory / "primary", None, *aof).start()
         self.link = DelayProxy("127.0.0.1", self.primary.port, 0.0)
-        self.replica = RedisServer(
-            directory / "replica",
-            None,
-            "--replicaof",
-            "127.0.0.1",
-            str(self.link.port),
-            "--replica-announce-ip",
-            "127.0.0.1",
-        ).start()
+        through_link = ("--replicaof", "127.0.0.1", str(self.link.port), "--replica-announce-ip", "127.0.0.1")
+        self.replica = RedisServer(directory / "replica", None, *aof, *through_link).start()
         wait_for(lambda: self._info(self.replica.port, "replication").get("master_link_status") == "up", timeout=20)
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.sentinels = [self._sentinel(port) for port in self.sentinel_ports]
@@ -53,10 +47,15 @@ class SentinelCluster:
         self.primary.proc.wait()
         wait_for(lambda: self.primary_port() == self.replica.port, timeout=60, interval=0.2)
 
+    def settle(self) -> None:
+        """Until the old primary is in sync as the new primary's replica: before that, a second failover
+        could promote an empty node (Sentinel does), which no client can protect against."""
+        wait_for(lambda: self._info(self.primary.port, "replication").get("master_link_status") == "up", 60, 0.2)
+
     def restart_old_primary(self) -> None:
         """The dead node back (empty): the Sentinels make it a replica of the new primary."""
         self.primary.start()
-        wait_for(lambda: self._info(self.primary.port, "replication").get("master_link_status") == "up", 60, 0.2)
+        self.settle()
 
     def stop(self) -> None:
         for proc in self.sentinels:
