@@ -263,59 +263,30 @@ def timed(adapter: Any, names: tuple[str, ...], samples: dict[str, list[float]])
 
 
 def lightning_case(redis_url: str, epochs: int) -> dict[str, list[float]]:
-    """A real tiny Lightning training (``tests/lightning_training.py``'s model), its adapter's hooks timed."""
-    import lightning as L
-
+    """A real tiny Lightning training (``tests/lightning_training.py``), its adapter's hooks timed."""
     from producers.lightning import TrainbusLogger
-    from tests.lightning_training import TinyRegressor, data
+    from tests.lightning_training import fit
 
     samples: dict[str, list[float]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="bench-lightning-", ignore_cleanup_errors=True) as tmp:
         bus = TrainbusLogger(name="bench", settings=bench_settings(redis_url, Path(tmp)))
         hooks = ("on_fit_start", "on_train_epoch_start", "on_train_epoch_end", "log_hyperparams", "log_metrics")
         timed(bus, (*hooks, "after_save_checkpoint", "finalize"), samples)
-        trainer = L.Trainer(
-            max_epochs=epochs,
-            accelerator="cpu",
-            logger=bus,
-            callbacks=[bus, L.pytorch.callbacks.ModelCheckpoint(dirpath=Path(tmp) / "ckpt", save_last=True)],
-            default_root_dir=tmp,
-            log_every_n_steps=1,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        trainer.fit(TinyRegressor(), data(64, 0), data(32, 1))
+        fit(bus, Path(tmp), epochs)
     return dict(samples)
 
 
 def transformers_case(redis_url: str, epochs: int) -> dict[str, list[float]]:
-    """A real tiny Trainer run (``tests/transformers_training.py``'s model and data), its callback timed."""
-    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
-
+    """A real tiny Trainer run (``tests/transformers_training.py``), its callback timed."""
     from producers.transformers import TrainbusCallback
-    from tests.transformers_training import Tokens
+    from tests.transformers_training import train
 
     samples: dict[str, list[float]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="bench-transformers-", ignore_cleanup_errors=True) as tmp:
         callback = TrainbusCallback(name="bench", settings=bench_settings(redis_url, Path(tmp)))
         names = ("on_train_begin", "on_epoch_begin", "on_log", "on_evaluate", "on_epoch_end", "on_save", "on_train_end")
         timed(callback, names, samples)
-        config = BertConfig(
-            vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-        )
-        args = TrainingArguments(
-            output_dir=str(Path(tmp) / "out"),
-            num_train_epochs=epochs,
-            per_device_train_batch_size=16,
-            logging_steps=1,
-            eval_strategy="epoch",
-            save_strategy="epoch",
-            report_to="none",
-            use_cpu=True,
-            disable_tqdm=True,
-        )
-        model = BertForSequenceClassification(config)
-        Trainer(model, args, train_dataset=Tokens(64, 0), eval_dataset=Tokens(32, 1), callbacks=[callback]).train()
+        train(callback, Path(tmp), epochs)
     return dict(samples)
 
 

@@ -5,6 +5,7 @@ publishes. They pickle with only the settings and names in them (``ddp_spawn`` a
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from producers.publisher import Publisher
@@ -45,3 +46,16 @@ class Adapter:
             self.publisher.end(status)
             self.publisher.close()
             self.publisher = None
+
+
+def numbers(values: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric values of a framework's logged metrics (floats, ints, 0-d tensors); the rest left out."""
+    found = {}
+    for key, value in values.items():
+        if isinstance(value, bool):
+            continue
+        try:
+            found[str(key)] = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            continue
+    return found

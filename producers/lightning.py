@@ -33,8 +33,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from producers.adapter import Adapter
-from producers.publisher import Publisher
+from producers.adapter import Adapter, numbers
 from shared.events import EventType
 
 STATUS = {"success": "completed", "finished": "completed", "failed": "failed", "interrupted": "stopped"}
@@ -50,9 +49,6 @@ class TrainbusLogger(Adapter, Logger, Callback):
         self._epoch = 0
         self._epoch_started = time.monotonic()
 
-    def bus(self) -> Publisher | None:
-        return self.open_bus()
-
     # -- Logger ------------------------------------------------------------------------
 
     @property
@@ -65,22 +61,22 @@ class TrainbusLogger(Adapter, Logger, Callback):
 
     @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
-        if bus := self.bus():
+        if bus := self.open_bus():
             values = vars(params) if isinstance(params, Namespace) else dict(params)
             # objects JSON cannot hold become text in the encoder
             bus.lifecycle(EventType.PRETRAIN_END, args={**_trainer_args(self._trainer), **values})
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        if bus := self.bus():
+        if bus := self.open_bus():
             values = dict(metrics)
             epoch = values.pop("epoch", self._epoch)
-            bus.metrics(int(epoch), _numbers(values), stage="train", step=step)
+            bus.metrics(int(epoch), numbers(values), stage="train", step=step)
 
     @rank_zero_only
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         path = getattr(checkpoint_callback, "_last_checkpoint_saved", "") or checkpoint_callback.last_model_path
-        if path and (bus := self.bus()):
+        if path and (bus := self.open_bus()):
             best = os.path.abspath(path) == os.path.abspath(checkpoint_callback.best_model_path or "")
             bus.checkpoint(path, self._epoch, is_best=best)
 
@@ -91,7 +87,7 @@ class TrainbusLogger(Adapter, Logger, Callback):
             return
         best = _best_checkpoint(trainer)
         if best and status == "success":
-            metrics = _numbers(trainer.callback_metrics) if trainer else {}
+            metrics = numbers(trainer.callback_metrics) if trainer else {}
             score = getattr(trainer.checkpoint_callback, "best_model_score", None) if trainer else None
             summary = {"metrics": metrics, "best_epoch": self._epoch}
             if score is not None:
@@ -103,7 +99,7 @@ class TrainbusLogger(Adapter, Logger, Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._trainer = trainer
-        if not trainer.is_global_zero or not (bus := self.bus()):
+        if not trainer.is_global_zero or not (bus := self.open_bus()):
             return
         bus.session(
             _trainer_args(trainer),
@@ -120,10 +116,10 @@ class TrainbusLogger(Adapter, Logger, Callback):
         self._epoch, self._epoch_started = trainer.current_epoch, time.monotonic()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero and (bus := self.bus()):
+        if trainer.is_global_zero and (bus := self.open_bus()):
             bus.metrics(
                 trainer.current_epoch,
-                _numbers(trainer.callback_metrics),
+                numbers(trainer.callback_metrics),
                 step=trainer.global_step,
                 epoch_time=round(time.monotonic() - self._epoch_started, 3),
                 series_logged=True,
@@ -153,14 +149,3 @@ def _best_checkpoint(trainer: Trainer | None) -> str | None:
         if path and os.path.isfile(path):
             return path
     return None
-
-
-def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Lightning's metrics are floats or 0-d tensors."""
-    found = {}
-    for key, value in metrics.items():
-        try:
-            found[str(key)] = float(value)
-        except (TypeError, ValueError, RuntimeError):
-            continue
-    return found

@@ -27,7 +27,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from producers.adapter import Adapter
+from producers.adapter import Adapter, numbers
 from producers.publisher import Publisher
 
 WEIGHTS = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors")
@@ -67,7 +67,7 @@ class TrainbusCallback(Adapter, TrainerCallback):
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: Any = None, **kw: Any
     ) -> None:
-        values = _numbers(logs or {})
+        values = numbers(logs or {})
         values.pop("epoch", None)
         if values and (bus := self.bus(state)):
             self._latest.update(values)
@@ -76,7 +76,7 @@ class TrainbusCallback(Adapter, TrainerCallback):
     def on_evaluate(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics: Any = None, **kw: Any
     ) -> None:
-        self._latest.update(_numbers(metrics or {}))
+        self._latest.update(numbers(metrics or {}))
         if _strategy(args.eval_strategy) == "epoch":
             self._epoch_done(state)
 
@@ -132,7 +132,3 @@ def _weights(directory: str) -> str | None:
         if directory and os.path.isfile(path):
             return path
     return None
-
-
-def _numbers(values: dict[str, Any]) -> dict[str, float]:
-    return {str(k): float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

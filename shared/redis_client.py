@@ -102,16 +102,26 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     )
 
 
+def sentinel_options(s: SentinelUrl, timeouts: Timeouts) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the data nodes' connection options, the Sentinels' own) for a parsed Sentinel URL."""
+    common = {"socket_timeout": timeouts.socket, "socket_connect_timeout": timeouts.connect, **s.tls}
+    return common, {**common, "username": s.sentinel_username, "password": s.sentinel_password}
+
+
 def connect(url: str, timeouts: Timeouts = WORKER) -> redis.Redis:
     """A client for ``url`` (redis://, rediss://, unix://, redis+sentinel://; passwords and TLS
     options in the URL)."""
-    common = {"socket_timeout": timeouts.socket, "socket_connect_timeout": timeouts.connect}
     if not is_sentinel(url):
-        return redis.Redis.from_url(url, health_check_interval=timeouts.health_check, retry_on_timeout=False, **common)
+        return redis.Redis.from_url(
+            url,
+            socket_timeout=timeouts.socket,
+            socket_connect_timeout=timeouts.connect,
+            health_check_interval=timeouts.health_check,
+            retry_on_timeout=False,
+        )
     s = parse_sentinel_url(url)
-    sentinel_auth = {"username": s.sentinel_username, "password": s.sentinel_password}
-    sentinel = Sentinel(list(s.sentinels), sentinel_kwargs={**common, **s.tls, **sentinel_auth}, **common, **s.tls)
-    return sentinel.master_for(
+    nodes, sentinels = sentinel_options(s, timeouts)
+    return Sentinel(list(s.sentinels), sentinel_kwargs=sentinels, **nodes).master_for(
         s.master,
         db=s.db,
         username=s.username,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -95,3 +96,9 @@ def producer_env(redis_url: str, namespace: str, spool_dir: Path) -> dict[str, s
         TRAINBUS_SPOOL_DIR=str(spool_dir),
         PYTHONPATH=str(Path(__file__).resolve().parents[1]),
     )
+
+
+def run_training(command: list[str], env: dict[str, str], workdir: Path, timeout: float = 300) -> None:
+    """A training script as its own process(es), in ``workdir``; fails the test with its output's tail."""
+    out = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -49,15 +49,14 @@ def data(n: int, seed: int) -> DataLoader:
     return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)
 
 
-def main() -> None:
-    mode, workdir = sys.argv[1], Path(sys.argv[2])
+def fit(bus: TrainbusLogger, workdir: Path, epochs: int = EPOCHS, devices: int = 1) -> None:
+    """The tiny training with ``bus`` as its logger and callback (the benchmark times it too)."""
     torch.manual_seed(0)
-    bus = TrainbusLogger(name="tiny-regressor", project="lightning-test")
     trainer = L.Trainer(
-        max_epochs=EPOCHS,
+        max_epochs=epochs,
         accelerator="cpu",
-        devices=2 if mode == "ddp" else 1,
-        strategy="ddp" if mode == "ddp" else "auto",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
         logger=bus,
         callbacks=[bus, L.pytorch.callbacks.ModelCheckpoint(dirpath=workdir / "checkpoints", monitor="val_loss")],
         default_root_dir=workdir,
@@ -66,6 +65,11 @@ def main() -> None:
         enable_model_summary=False,
     )
     trainer.fit(TinyRegressor(), data(64, 0), data(32, 1))
+
+
+def main() -> None:
+    mode, workdir = sys.argv[1], Path(sys.argv[2])
+    fit(TrainbusLogger(name="tiny-regressor", project="lightning-test"), workdir, devices=2 if mode == "ddp" else 1)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ under ``strategy="ddp", devices=2`` it is one run, published by rank 0 only."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import stream_events
-from tests.helpers import producer_env, wait_for
+from tests.helpers import producer_env, run_training, wait_for
 from tests.pipeline import framework_pipeline
 from tests.test_clearml_pipeline import completed as session_closed
 from tests.test_clearml_pipeline import plotted_iterations, sessions
@@ -40,15 +39,7 @@ def test_a_lightning_training_reaches_the_platform_and_clearml_once(
 ):
     run_id = f"lightning-{mode}"
     env = {**producer_env(redis_url, namespace, spool_dir), "TRAINBUS_RUN_ID": run_id}
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "lightning_training.py"), mode, str(tmp_path)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_training([sys.executable, str(ROOT / "tests" / "lightning_training.py"), mode, str(tmp_path)], env, tmp_path)
 
     events = [e for e in stream_events(client, keys)]
     assert {e["run_id"] for e in events} == {run_id}, "one run: the other rank published nothing"

@@ -131,7 +131,8 @@ from producers import Publisher
 url, ns, spool, redis_pid = sys.argv[1:5]
 bus = Publisher(redis_url=url, namespace=ns, spool_dir=spool, run_id="ctrl-c", exit_flush_s=30)
 bus.metrics(0, {"loss": 1})
-time.sleep(0.5)  # pushed: Redis is up as far as the delivery process knows
+while bus._control.pushed < 1:  # pushed: Redis is up as far as the delivery process knows
+    time.sleep(0.01)
 os.kill(int(redis_pid), signal.SIGSTOP)  # now it hangs: the next push waits for its socket timeout
 bus.metrics(1, {"loss": 1})
 threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()

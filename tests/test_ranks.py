@@ -4,7 +4,6 @@ survives being pickled into its ranks. Real two-process trainings on the CPU (gl
 from __future__ import annotations
 
 import pickle
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -16,16 +15,11 @@ from producers import Publisher
 from producers.rank import global_rank, publishes
 from producers.ultralytics import make_callbacks
 from tests.conftest import stream_events
-from tests.helpers import producer_env, wait_for
+from tests.helpers import producer_env, run_training, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "ddp_training.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
-
-def run(command: list[str], env: dict[str, str], workdir: Path) -> None:
-    out = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
 
 def run_events(client, keys, run_id: str, types: set[str]) -> list[dict]:
@@ -51,7 +45,9 @@ def test_a_two_process_training_is_one_run_published_by_rank_zero(
     """torchrun: each rank makes its own Publisher; spawn: the parent's is pickled into both ranks."""
     run_id = f"ddp-{mode}"
     launcher = TORCHRUN if mode == "torchrun" else [sys.executable]
-    run([*launcher, str(SCRIPT), mode, run_id, str(tmp_path)], producer_env(redis_url, namespace, spool_dir), tmp_path)
+    run_training(
+        [*launcher, str(SCRIPT), mode, run_id, str(tmp_path)], producer_env(redis_url, namespace, spool_dir), tmp_path
+    )
     events = run_events(client, keys, run_id, {"session", "fit_epoch", "checkpoint", "final", "run_end"})
     assert_one_run_from_rank_zero(events)
     assert sum(e["type"] == "checkpoint" for e in events) == 3
@@ -66,7 +62,7 @@ def test_ultralytics_callbacks_pickled_into_ranks_publish_once_from_rank_zero(
     pickled = tmp_path / "callbacks.pt"
     pickled.write_bytes(cloudpickle.dumps(callbacks))
     command = [*TORCHRUN, str(SCRIPT), "ultralytics", str(pickled), str(tmp_path)]
-    run(command, producer_env(redis_url, namespace, spool_dir), tmp_path)
+    run_training(command, producer_env(redis_url, namespace, spool_dir), tmp_path)
     events = run_events(client, keys, "yolo-ddp", {"session", "fit_epoch", "checkpoint", "final", "run_end"})
     kinds = Counter(e["type"] for e in events)
     assert kinds["session"] == 1 and kinds["final"] == 1 and kinds["run_end"] == 1, kinds

@@ -4,7 +4,6 @@ weights whole, the best one as the final, last."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import stream_events
-from tests.helpers import producer_env, wait_for
+from tests.helpers import producer_env, run_training, wait_for
 from tests.pipeline import framework_pipeline
 from tests.test_clearml_pipeline import completed as session_closed
 from tests.test_clearml_pipeline import plotted_iterations, sessions
@@ -31,15 +30,7 @@ def test_a_trainer_run_reaches_the_platform_and_clearml_once(
     pipeline = framework_pipeline(redis_url, namespace, spool_dir, platform, tmp_path)
     try:
         env = {**producer_env(redis_url, namespace, spool_dir), "TRAINBUS_RUN_ID": "hf-run"}
-        out = subprocess.run(
-            [sys.executable, str(ROOT / "tests" / "transformers_training.py"), str(tmp_path)],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        run_training([sys.executable, str(ROOT / "tests" / "transformers_training.py"), str(tmp_path)], env, tmp_path)
 
         events = stream_events(client, keys)
         kinds = Counter(e["type"] for e in events)

@@ -36,8 +36,8 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": (ids == 7).any().long()}
 
 
-def main() -> None:
-    workdir = Path(sys.argv[1])
+def train(callback: TrainbusCallback, workdir: Path, epochs: int = EPOCHS) -> None:
+    """The tiny run with ``callback`` (the benchmark times it too)."""
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=2
@@ -45,7 +45,7 @@ def main() -> None:
     args = TrainingArguments(
         output_dir=str(workdir / "out"),
         run_name="tiny-bert",
-        num_train_epochs=EPOCHS,
+        num_train_epochs=epochs,
         per_device_train_batch_size=16,
         per_device_eval_batch_size=16,
         learning_rate=1e-3,
@@ -58,14 +58,12 @@ def main() -> None:
         use_cpu=True,
         disable_tqdm=True,
     )
-    trainer = Trainer(
-        model=BertForSequenceClassification(config),
-        args=args,
-        train_dataset=Tokens(64, 0),
-        eval_dataset=Tokens(32, 1),
-        callbacks=[TrainbusCallback(project="transformers-test")],
-    )
-    trainer.train()
+    model = BertForSequenceClassification(config)
+    Trainer(model, args, train_dataset=Tokens(64, 0), eval_dataset=Tokens(32, 1), callbacks=[callback]).train()
+
+
+def main() -> None:
+    train(TrainbusCallback(project="transformers-test"), Path(sys.argv[1]))
 
 
 if __name__ == "__main__":

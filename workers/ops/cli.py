@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         "worker",
         help="run the RQ worker of a sink (`rq worker <its queue>` with trainbus's worker class)",
         description="The same as `RQ_WORKER_CLASS=workers.pipeline.rq_worker.SinkWorker rq worker QUEUE` "
-        "with the sink's queue (in TRAINBUS_NAMESPACE) and RQ_REDIS_URL from TRAINBUS_REDIS_URL; "
+        "with the sink's queue (in TRAINBUS_NAMESPACE) and Redis from TRAINBUS_REDIS_URL (RQ_REDIS_URL, or RQ_CONFIG "
+        "for a Sentinel URL); "
         "further arguments go to `rq worker` (e.g. --burst).",
     )
     worker.add_argument("sink", choices=sorted(SINKS), help="the sink whose queue to serve")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from shared.redis_client import WORKER, is_sentinel, parse_sentinel_url
+from shared.redis_client import WORKER, is_sentinel, parse_sentinel_url, sentinel_options
 from shared.settings import DEFAULT_REDIS_URL
 
 _url = os.environ.get("TRAINBUS_REDIS_URL") or DEFAULT_REDIS_URL
@@ -20,7 +20,7 @@ if not is_sentinel(_url):
     REDIS_URL = _url
 else:
     _parsed = parse_sentinel_url(_url)
-    _common = {"socket_connect_timeout": WORKER.connect, **_parsed.tls}
+    _nodes, _sentinels = sentinel_options(_parsed, WORKER)
     SENTINEL = {
         "INSTANCES": list(_parsed.sentinels),
         "MASTER_NAME": _parsed.master,
@@ -28,11 +28,6 @@ else:
         "USERNAME": _parsed.username,
         "PASSWORD": _parsed.password,
         "SOCKET_TIMEOUT": WORKER.socket,
-        "CONNECTION_KWARGS": _common,
-        "SENTINEL_KWARGS": {
-            "socket_timeout": WORKER.socket,
-            "username": _parsed.sentinel_username,
-            "password": _parsed.sentinel_password,
-            **_common,
-        },
+        "CONNECTION_KWARGS": _nodes,
+        "SENTINEL_KWARGS": _sentinels,
     }
