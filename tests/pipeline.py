@@ -15,9 +15,11 @@ from typing import Any
 
 import requests
 import torch
+from rq import Queue, Worker
 
 from producers import Publisher
 from shared.keys import Keys
+from shared.redis_client import connect
 from tests.clearml_server import ACCESS_KEY, SECRET_KEY
 from tests.helpers import children, wait_for
 from workers.pipeline.rq_worker import worker_command, worker_env
@@ -161,6 +163,13 @@ class Pipeline:
     def worker(self, sink: str = "hub") -> subprocess.Popen:
         """``rq worker`` for a sink's queue: forking for hub-uploads, SimpleWorker for clearml."""
         return self._start(worker_command(Keys(self.namespace).queue(sink)))
+
+    def wait_ready(self, sink: str = "hub", workers: int = 1) -> None:
+        """Until a dispatcher has read and ``workers`` workers of the sink have registered: for a test
+        whose checks need them running from the first event (a cold start can take seconds)."""
+        client, keys = connect(self.redis_url), Keys(self.namespace)
+        queue = Queue(keys.queue(sink), connection=client)
+        wait_for(lambda: client.hlen(keys.dispatchers) and Worker.count(queue=queue) >= workers, timeout=60)
 
     def cli(self, *args: str, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -11,6 +11,7 @@ import json
 import time
 import zlib
 
+import orjson
 import pytest
 import torch
 
@@ -45,6 +46,7 @@ def test_a_20_epoch_run_reaches_hub_once_in_order_within_rate_limits(pipeline, h
     client.xgroup_create(keys.events, "test-keep", id="0", mkstream=True)  # a group that never reads: no trim
     pipeline.dispatcher()
     pipeline.worker()
+    pipeline.wait_ready()  # else a cold start can see only the last checkpoint, which the final supersedes
     with publisher(pipeline, spool_dir, "run20") as bus:
         sent = train(bus, tmp_path / "run20", epochs=20)
     wait_for(lambda: final_uploads(hub, MODEL_ID), timeout=60)
@@ -247,6 +249,41 @@ def test_bad_entries_are_dead_lettered_and_the_rest_is_delivered(pipeline, hub, 
     assert "unknown event type 'nope'" in reasons
     assert "missing field 'run_id'" in reasons
     assert any("more than the 1048576 allowed" in r for r in reasons)
+
+
+def test_a_checkpoint_replaced_while_it_uploads_counts_as_uploaded_only(
+    redis_url, namespace, hub, spool_dir, client, keys, tmp_path
+):
+    """The dispatcher records a newer checkpoint while the worker still uploads the older one:
+    the older one is counted once, as uploaded (it was counted superseded too: CI saw 1 + 20 for 20)."""
+    pipe = Pipeline(redis_url, namespace, hub, spool_dir, TRAINBUS_HUB_TIMEOUT_S="20")
+    hub.fault(endpoint="upload", delay=8.0, count=1)  # the first checkpoint's upload takes 8 s
+    pending = keys.pending("hub", "inflight", "ckpt")
+    try:
+        pipe.dispatcher()
+        pipe.worker()
+        pipe.wait_ready()
+
+        def replace_in_flight(epoch: int) -> None:
+            if epoch == 0:
+                wait_for(lambda: hub.requests("upload", status="pending"), timeout=30)
+            if epoch == 1:
+                wait_for(lambda: orjson.loads(client.hget(pending, "data") or b"{}").get("epoch") == 1, timeout=30)
+                assert hub.requests("upload", status="pending"), "the premise: recorded while epoch 0 was in flight"
+
+        with publisher(pipe, spool_dir, "inflight") as bus:
+            train(bus, tmp_path / "inflight", epochs=2, between=replace_in_flight)
+        wait_for(lambda: final_uploads(hub, MODEL_ID), timeout=60)
+        state = {
+            k.decode(): int(float(v))
+            for k, v in client.hgetall(keys.state("hub", "inflight")).items()
+            if k.startswith(b"ckpt_")
+        }
+        epochs_sent = [r["fields"]["epoch"] for r in hub.requests("upload") if r["fields"]["type"] == "epoch"]
+        assert epochs_sent[0] == "0" and state["ckpt_uploads"] == len(epochs_sent)
+        assert state["ckpt_uploads"] + state.get("ckpt_superseded", 0) == 2
+    finally:
+        pipe.stop()
 
 
 def test_worker_killed_mid_upload_is_replaced_and_the_upload_completes_within_60s(pipeline, hub, spool_dir, tmp_path):

@@ -139,6 +139,16 @@ class RunState:
             args += [field, value]
         return confirm(lambda: int(self._hdel_if_same(keys=[key], args=args))) if args else 0
 
+    def latest_sent(self, run_id: str, kind: str, pending: bytes) -> None:
+        """The pending ``kind`` (see :meth:`set_if_newer`) was sent: counted once, as sent. A newer
+        one that replaced it while it was in flight counted it as superseded; that is undone."""
+        removed = self.remove_if_same(self.keys.pending(self.sink, run_id, kind), {"data": pending})
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hincrby(self.keys.state(self.sink, run_id), f"{kind}_uploads", 1)
+        if not removed:
+            pipe.hincrby(self.keys.state(self.sink, run_id), f"{kind}_superseded", -1)
+        pipe.execute()
+
     def finish(self, run_id: str, kinds: tuple[str, ...]) -> None:
         """The run needs nothing more here: forget it as active, let its state expire.
 

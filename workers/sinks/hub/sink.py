@@ -201,11 +201,12 @@ class HubSink:
         )
         if uploaded is None:
             return self.limits.wait(state_key, "ckpt")
-        if uploaded:
-            self.client.hincrby(state_key, "ckpt_uploads", 1)
-            self._observe_latency(key, "ckpt")
-            log.info("upload sink=hub run=%s kind=ckpt outcome=ok epoch=%s", run_id, payload["epoch"])
-        self.runs.remove_if_same(key, {"data": pending})
+        if not uploaded:
+            self.runs.remove_if_same(key, {"data": pending})
+            return None
+        self._observe_latency(key, "ckpt")
+        self.runs.latest_sent(run_id, "ckpt", pending)
+        log.info("upload sink=hub run=%s kind=ckpt outcome=ok epoch=%s", run_id, payload["epoch"])
         return None
 
     def _final(self, run_id: str, model_id: str) -> float | None:

@@ -273,10 +273,11 @@ class PlatformSink:
         if isinstance(result, float):
             self.slots.retry_in(state_key, "ckpt", 0.0)  # the slot was not used: free it for the retry
             return result
-        if result is not None:
-            self.client.hincrby(state_key, "ckpt_uploads", 1)
-            log.info("upload sink=platform run=%s kind=ckpt outcome=ok epoch=%s", run_id, payload.get("epoch"))
-        self.runs.remove_if_same(key, {"data": pending})
+        if result is None:
+            self.runs.remove_if_same(key, {"data": pending})
+            return None
+        self.runs.latest_sent(run_id, "ckpt", pending)
+        log.info("upload sink=platform run=%s kind=ckpt outcome=ok epoch=%s", run_id, payload.get("epoch"))
         return None
 
     def _final(self, run_id: str, model_id: str, platform_run: str | None, state: dict[str, str]) -> float | None:
