@@ -153,11 +153,12 @@ def run(calls: int, redis_url: str, interval_s: float, mlflow_uri: str | None) -
 
     results.append(("no hook", measure(lambda i: noop(i, METRICS), calls, interval_s)))
 
-    with tempfile.TemporaryDirectory() as spool:
+    # ignore_cleanup_errors: the delivery process may still be removing the run's spool as close() returns
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as spool:
         bus = Publisher(redis_url=redis_url, namespace=namespace, spool_dir=spool, spool_max_mb=4096)
         results.append(("trainbus, Redis up", measure(lambda i: bus.metrics(i, METRICS), calls, interval_s)))
         bus.close(timeout=30)
-    with tempfile.TemporaryDirectory() as spool:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as spool:
         bus = Publisher(redis_url="redis://127.0.0.1:1/0", namespace=namespace, spool_dir=spool, spool_max_mb=4096)
         results.append(("trainbus, Redis unreachable", measure(lambda i: bus.metrics(i, METRICS), calls, interval_s)))
         bus.close(timeout=0)

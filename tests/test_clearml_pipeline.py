@@ -253,7 +253,9 @@ def test_a_5_epoch_run_reaches_a_clearml_server(online, clearml, spool_dir, work
     assert state["files"], "images and the model went to the files host"
 
 
-def test_clearml_down_for_part_of_the_run_then_everything_arrives_once(online, clearml, spool_dir, workdir):
+def test_clearml_down_for_part_of_the_run_then_everything_arrives_once(
+    online, clearml, spool_dir, workdir, client, keys
+):
     online.dispatcher()
     online.worker("clearml")
     bus = Publisher(
@@ -261,7 +263,8 @@ def test_clearml_down_for_part_of_the_run_then_everything_arrives_once(online, c
     )
     bus.session({"epochs": 16}, name="outage")
     for epoch in range(16):
-        if epoch == 3:
+        if epoch == 3:  # once its task is set up: the reports of epochs 3-14 are handed while ClearML is down
+            wait_for(lambda: client.hget(keys.state("clearml", "outage"), "task_ready"), timeout=60)
             clearml.fault(down=True)
         if epoch == 15:
             clearml.fault(down=False)

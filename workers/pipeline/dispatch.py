@@ -250,7 +250,7 @@ class Dispatcher:
         """Drop stream entries every group has acknowledged (XTRIM MINID, never MAXLEN).
 
         Abandoned groups (``workers/groups.py``) are not waited for."""
-        abandoned = refresh_abandoned(self.client, self.keys, self.settings.group_abandon_s)
+        abandoned = refresh_abandoned(self.client, self.keys, self.settings.group_abandon_s, self.sinks)
         try:
             groups = [g for g in self.client.xinfo_groups(self.keys.events) if _name(g) not in abandoned]
         except redis.ResponseError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import redis
@@ -62,15 +63,18 @@ def groups(client: redis.Redis, keys: Keys) -> list[Group]:
     return found
 
 
-def refresh_abandoned(client: redis.Redis, keys: Keys, grace_s: float) -> set[str]:
-    """Mark groups nobody fed for ``grace_s`` as abandoned (said once each); returns the abandoned."""
+def refresh_abandoned(client: redis.Redis, keys: Keys, grace_s: float, feeding: Iterable[str] = ()) -> set[str]:
+    """Mark groups nobody fed for ``grace_s`` as abandoned (said once each); returns the abandoned.
+    ``feeding``: the caller's own groups, fed by it whatever their mark says (it is renewed every few
+    seconds, which a grace shorter than that would miss)."""
+    feeding = set(feeding)
     now = time.time()
     abandoned = set()
     for group in groups(client, keys):
         if group.fed_s_ago is None:
             client.hsetnx(keys.groups_fed, group.name, repr(now))  # its grace starts when first seen
             continue
-        if group.fed_s_ago < grace_s:
+        if group.name in feeding or group.fed_s_ago < grace_s:
             if group.abandoned:
                 client.srem(keys.abandoned_groups, group.name)
                 log.warning("consumer group %s is fed again; the stream waits for it again", group.name)
