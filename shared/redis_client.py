@@ -129,3 +129,10 @@ def connect(url: str, timeouts: Timeouts = WORKER) -> redis.Redis:
         health_check_interval=timeouts.health_check,
         retry_on_timeout=False,
     )
+
+
+def replicas_hold(client: redis.Redis, wanted: int) -> bool:
+    """Whether ``wanted`` replicas hold every write this client's connection made (WAIT, at most
+    REPLICA_WAIT_MS). True at once for 0. Call it right after the write, from the same thread: the
+    pool hands that thread the connection it wrote on, and WAIT counts that connection's writes."""
+    return not wanted or int(client.wait(wanted, REPLICA_WAIT_MS)) >= wanted

@@ -17,54 +17,101 @@ from tests.proxy import DelayProxy
 from workers.devstack.embedded_redis import RedisServer, free_port, redis_server_binary
 
 MASTER = "trainbus-primary"
+AOF = ("--appendonly", "yes")  # a node restarted in place must not come back empty
 
 
 class SentinelCluster:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
-        aof = ("--appendonly", "yes")  # a primary restarted in place must not come back empty
-        self.primary = RedisServer(directory / "primary", None, *aof).start()
+        self.primary = RedisServer(directory / "primary", None, *AOF).start()
         self.link = DelayProxy("127.0.0.1", self.primary.port, 0.0)
         through_link = ("--replicaof", "127.0.0.1", str(self.link.port), "--replica-announce-ip", "127.0.0.1")
-        self.replica = RedisServer(directory / "replica", None, *aof, *through_link).start()
+        self.replica = RedisServer(directory / "replica", None, *AOF, *through_link).start()
         wait_for(lambda: self._info(self.replica.port, "replication").get("master_link_status") == "up", timeout=20)
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.sentinels = [self._sentinel(port) for port in self.sentinel_ports]
-        wait_for(lambda: all(self._knows_replica(port) for port in self.sentinel_ports), timeout=30)
+        self.settle()
 
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
         return f"redis+sentinel://{hosts}/{MASTER}/0"
 
+    @property
+    def nodes(self) -> tuple[RedisServer, RedisServer]:
+        return self.primary, self.replica  # named for their roles at the start; a failover swaps the roles
+
     def primary_port(self) -> int:
         _, port = redis.Redis(port=self.sentinel_ports[0]).sentinel_get_master_addr_by_name(MASTER)
         return int(port)
 
-    def kill_primary(self) -> None:
-        assert self.primary.proc is not None
-        self.primary.proc.kill()
-        self.primary.proc.wait()
-        wait_for(lambda: self.primary_port() == self.replica.port, timeout=60, interval=0.2)
+    def current_primary(self) -> RedisServer:
+        port = self.primary_port()
+        return next(node for node in self.nodes if node.port == port)
 
-    def settle(self) -> None:
-        """Until the old primary is in sync as the new primary's replica: before that, a second failover
-        could promote an empty node (Sentinel does), which no client can protect against."""
-        wait_for(lambda: self._info(self.primary.port, "replication").get("master_link_status") == "up", 60, 0.2)
+    def kill_primary(self) -> RedisServer:
+        """SIGKILL the current primary; returns once the Sentinels have promoted the other node."""
+        dead = self.current_primary()
+        assert dead.proc is not None
+        dead.proc.kill()
+        dead.proc.wait()
+        dead.proc = None
+        wait_for(lambda: self.primary_port() != dead.port, timeout=60, interval=0.2)
+        return dead
+
+    def restart(self, node: RedisServer) -> None:
+        """A stopped node back with its AOF: a replica of the current primary unless it still is the
+        primary (stopped too briefly for a failover); then until every node is in sync."""
+        primary = self.primary_port()
+        replica_of = () if primary == node.port else ("--replicaof", "127.0.0.1", str(primary))
+        node.extra = (*AOF, *replica_of, "--replica-announce-ip", "127.0.0.1")
+        node.start()
+        self.settle()
 
     def restart_old_primary(self) -> None:
-        """The dead node back (empty): the Sentinels make it a replica of the new primary."""
-        self.primary.start()
-        self.settle()
+        """The dead first primary back: the Sentinels' new primary's replica."""
+        self.restart(self.primary)
+
+    def settle(self) -> None:
+        """Until the Sentinels agree on a primary and the other node is in sync as its replica, seen by
+        them as such: before that a second failover could promote a node that has not caught up (or
+        find none to promote), which no client can protect against."""
+        wait_for(self._settled, timeout=90, interval=0.2)
+
+    def _settled(self) -> bool:
+        try:
+            addrs = {redis.Redis(port=p).sentinel_get_master_addr_by_name(MASTER) for p in self.sentinel_ports}
+            if len(addrs) != 1:
+                return False
+            port = int(next(iter(addrs))[1])
+            if self._info(port, "replication").get("role") != "master":
+                return False
+            for node in self.nodes:
+                if node.port == port:
+                    continue
+                info = self._info(node.port, "replication")
+                if info.get("role") != "slave" or info.get("master_link_status") != "up":
+                    return False
+                if info.get("master_port") not in (port, self.link.port):
+                    return False
+                for sentinel in self.sentinel_ports:
+                    seen = {int(r["port"]): r for r in redis.Redis(port=sentinel).sentinel_slaves(MASTER)}
+                    flags = seen.get(node.port, {})
+                    if not flags or flags.get("is_sdown") or flags.get("is_disconnected"):
+                        return False
+                    if flags.get("master-link-status") != "ok":
+                        return False
+            return True
+        except redis.RedisError:
+            return False
 
     def stop(self) -> None:
         for proc in self.sentinels:
             proc.terminate()
             proc.wait(timeout=10)
         self.link.close()
-        for server in (self.replica, self.primary):
-            if server.proc is not None and server.proc.poll() is None:
-                server.stop()
+        for node in self.nodes:
+            node.stop()
 
     def _sentinel(self, port: int) -> subprocess.Popen:
         work = self.dir / f"sentinel-{port}"
@@ -88,13 +135,6 @@ class SentinelCluster:
             return bool(redis.Redis(port=port, socket_connect_timeout=0.2).ping())
         except redis.ConnectionError:
             return False
-
-    def _knows_replica(self, port: int) -> bool:
-        try:
-            replicas = redis.Redis(port=port).sentinel_slaves(MASTER)
-        except redis.RedisError:
-            return False
-        return any(int(r["port"]) == self.replica.port for r in replicas)
 
     def _info(self, port: int, section: str) -> dict:
         try:

@@ -17,9 +17,12 @@ import redis
 
 from producers import Publisher
 from shared.keys import Keys
+from shared.redis_client import REPLICA_WAIT_MS, connect
 from tests.helpers import wait_for
 from tests.pipeline import Pipeline
 from tests.sentinel_cluster import SentinelCluster
+from workers.sinks.rate_limit import REPLICA_RETRY_S, RateLimiter, WindowLimiter
+from workers.sinks.run_state import RunState
 
 pytestmark = pytest.mark.failover
 
@@ -68,6 +71,13 @@ def test_a_primary_killed_mid_run_is_followed_and_with_min_replicas_nothing_is_l
         for epoch in range(5):
             bus.metrics(epoch, {"loss": 1.0 / (epoch + 1)})
         wait_for(lambda: len(epochs_at(platform, run_id)) == 5, timeout=60)
+        # and their deliveries' records on the replica too (else one the primary alone recorded is sent again
+        # after the failover: the window the README states)
+        primary = redis.Redis(port=cluster.primary.port)
+        wait_for(lambda: primary.hlen(keys.pending("platform", run_id, "epochs")) == 0, timeout=30)
+        written = primary.info("replication")["master_repl_offset"]
+        replica = redis.Redis(port=cluster.replica.port)
+        wait_for(lambda: replica.info("replication")["slave_repl_offset"] >= written, timeout=30)
 
         cluster.link.hold()  # what the primary takes now stays on it
         pipeline.kill(dispatcher)  # and nothing reads it before the primary dies (a stopped process's
@@ -110,3 +120,33 @@ def test_a_primary_killed_mid_run_is_followed_and_with_min_replicas_nothing_is_l
 def epochs_at(platform, run_id: str) -> list[int]:
     model = next((m for m in platform.models() if m["slug"] == run_id), None)
     return [e["epoch"] for run in (model or {}).get("runs", []) for e in run["epochs"]]
+
+
+def test_a_rate_limit_slot_is_used_only_once_a_replica_holds_it(cluster):
+    """A reservation the primary alone holds is given back: a failover that lost it must not let a second
+    request go inside the interval. Once the replica acknowledges, the slot is taken as usual."""
+    client = connect(cluster.url)
+    slots, window = RateLimiter(client, min_replicas=1), WindowLimiter(client, min_replicas=1)
+    cluster.link.hold()
+    assert slots.reserve("state", "ckpt", 900) == REPLICA_RETRY_S
+    assert window.reserve("window", 1, 60) == REPLICA_RETRY_S
+    assert client.zcard("window") == 0, "the window's reservation was given back"
+    cluster.link.release()
+    wait_for(lambda: slots.reserve("state", "ckpt", 900) == 0.0, timeout=10)
+    assert slots.reserve("state", "ckpt", 900) > 890
+    assert window.reserve("window", 1, 60) == 0.0
+    assert window.reserve("window", 1, 60) > 50
+
+
+def test_a_delivery_record_no_replica_holds_is_said_and_the_next_waits_for_it(cluster, caplog):
+    client = connect(cluster.url)
+    runs = RunState(client, Keys("acks"), "hub", min_replicas=1)
+    client.hset("pending", "data", b"x")
+    assert runs.remove_if_same("pending", {"data": b"x"}) == 1
+    assert "fewer than" not in caplog.text
+    cluster.link.hold()
+    client.hset("pending", "data", b"y")
+    started = time.monotonic()
+    assert runs.remove_if_same("pending", {"data": b"y"}) == 1
+    assert time.monotonic() - started >= REPLICA_WAIT_MS / 1000 - 0.1, "it waited for the replica"
+    assert "a delivery record is on fewer than 1 replicas" in caplog.text

@@ -5,8 +5,10 @@ two hub-uploads workers, one clearml worker and one platform worker, against a r
 with AOF of our own, the local HUB server, the ClearML test server and the local Platform
 server, all real processes. A fault schedule, drawn from a seed, kills and restarts
 producers, dispatchers and workers (one in the middle of an upload), restarts Redis and
-takes it away for 10 s, makes HUB answer 5xx, 429 with Retry-After, hang or reset, makes
-the Platform answer 5xx and 429, and takes ClearML down for a stretch.
+takes it away for 10 s (with ``failover``: the current primary of a primary, a replica and
+three Sentinels, and SIGKILLs the primary: "primary-failover"), makes HUB answer 5xx, 429
+with Retry-After, hang or reset, makes the Platform answer 5xx and 429, and takes ClearML
+down for a stretch.
 
 The checker compares what every producer's hooks accepted (its intents file) with what
 HUB, ClearML and the Platform received. Same seed, same schedule; the timing of the processes still
@@ -29,12 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import redis
 from rq import Queue, Worker
 
 from shared.keys import Keys
+from shared.redis_client import connect
 from tests.clearml_server import ACCESS_KEY, SECRET_KEY
 from tests.pipeline import API_KEY, PLATFORM_KEY, ROOT, ClearmlServer, HubServer, Pipeline, PlatformServer
+from tests.sentinel_cluster import SentinelCluster
 from workers.devstack.embedded_redis import RedisServer
 
 RUNS = 3
@@ -56,6 +59,7 @@ FAULT_KINDS = (
     "platform-5xx",
     "platform-429",
 )
+FAILOVER_KIND = "primary-failover"  # with a Sentinel cluster only (run_scenario's ``failover``)
 
 
 @dataclass(frozen=True)
@@ -71,10 +75,10 @@ class Fault:
         return f"+{self.after:4.1f}s {self.kind} {args}".rstrip()
 
 
-def schedule(seed: int, rounds: int = 1) -> list[Fault]:
+def schedule(seed: int, rounds: int = 1, kinds: tuple[str, ...] = FAULT_KINDS) -> list[Fault]:
     """Every kind of fault ``rounds`` times, in an order and with arguments the seed picks."""
     rng = random.Random(seed)
-    kinds = list(FAULT_KINDS) * rounds
+    kinds = list(kinds) * rounds
     rng.shuffle(kinds)
     # Producers can only be killed while they train: move those kills to the first half.
     kinds.sort(key=lambda k: 0 if k == "kill-producer" and rng.random() < 0.8 else 1)
@@ -115,21 +119,23 @@ def schedule(seed: int, rounds: int = 1) -> list[Fault]:
 class Cluster:
     """Every process of the scenario, and the faults that can be done to them."""
 
-    def __init__(self, tmp: Path, namespace: str, epochs: int, pause: float) -> None:
+    def __init__(self, tmp: Path, namespace: str, epochs: int, pause: float, *, failover: bool = False) -> None:
         self.tmp, self.epochs, self.pause = tmp, epochs, pause
         self.spool = tmp / "spool"
         self.runs_dir = tmp / "runs"
         self.runs_dir.mkdir(parents=True)
         self.run_ids = [f"chaos{i}" for i in range(RUNS)]
         self.models = {run: hashlib.sha256(run.encode()).hexdigest()[:20] for run in self.run_ids}
-        self.redis = RedisServer(tmp / "redis", None, "--appendonly", "yes").start()
+        self.sentinels = SentinelCluster(tmp / "redis") if failover else None
+        self.redis = None if self.sentinels else RedisServer(tmp / "redis", None, "--appendonly", "yes").start()
+        self.redis_url = self.sentinels.url if self.sentinels else self.redis.url
         self.hub = HubServer(*self.models.values())
         self.clearml = ClearmlServer()
         self.platform = PlatformServer(
             PLATFORM_KEY, "--events-per-min", PLATFORM_LIMIT[0], "--window", PLATFORM_LIMIT[1]
         )
         self.pipeline = Pipeline(
-            self.redis.url,
+            self.redis_url,
             namespace,
             self.hub,
             self.spool,
@@ -143,6 +149,7 @@ class Cluster:
             TRAINBUS_SPOOL_DIR=self.spool,
             **RATES,
             **self.clearml.env(),
+            TRAINBUS_REDIS_MIN_REPLICAS=1 if failover else 0,
         )
         self.keys = Keys(namespace)
         self.dispatchers = [self.pipeline.dispatcher(), self.pipeline.dispatcher()]
@@ -182,14 +189,11 @@ class Cluster:
         if fault.kind == "kill-worker-mid-upload":
             return self.kill_worker_mid_upload()
         if fault.kind == "restart-redis":
-            self.redis.stop()
-            self.redis.start()
-            return "restarted"
+            return self.restart_redis(0.0)
         if fault.kind == "redis-down":
-            self.redis.stop()
-            time.sleep(REDIS_DOWN_S)
-            self.redis.start()
-            return f"down {REDIS_DOWN_S:g} s"
+            return self.restart_redis(REDIS_DOWN_S)
+        if fault.kind == FAILOVER_KIND:
+            return self.fail_over()
         if fault.kind == "clearml-down":
             self.clearml.fault(down=True)
             timer = threading.Timer(a["seconds"], self.clearml.fault, kwargs={"down": False})
@@ -201,6 +205,28 @@ class Cluster:
             return "injected"
         self.hub.fault(**a)
         return "injected"
+
+    def restart_redis(self, down_s: float) -> str:
+        """Stop Redis (the current primary), start it again after ``down_s``: long enough, and the
+        Sentinels promote the replica meanwhile."""
+        node = self.sentinels.current_primary() if self.sentinels else self.redis
+        node.stop()
+        time.sleep(down_s)
+        if not self.sentinels:
+            node.start()
+            return f"down {down_s:g} s" if down_s else "restarted"
+        self.sentinels.restart(node)
+        promoted = self.sentinels.primary_port() != node.port
+        return f"primary down {down_s:g} s, {'the replica promoted' if promoted else 'no failover'}, in sync again"
+
+    def fail_over(self) -> str:
+        """SIGKILL the primary; once the Sentinels promoted the replica, the dead node back as its replica."""
+        assert self.sentinels is not None
+        killed = time.monotonic()
+        dead = self.sentinels.kill_primary()
+        promoted_s = time.monotonic() - killed
+        self.sentinels.restart(dead)
+        return f"primary SIGKILLed, replica promoted in {promoted_s:.1f} s, the old primary in sync as its replica"
 
     def kill_producer(self, i: int, restart_after: float) -> str:
         """SIGKILL a training producer, then start it again with the same run id and spool."""
@@ -234,7 +260,7 @@ class Cluster:
         return f"killed hub worker {i} {'mid-upload' if busy else '(no busy worker found)'} and replaced it"
 
     def _busy_hub_worker_pids(self) -> set[int]:
-        client = redis.Redis.from_url(self.redis.url)
+        client = connect(self.redis_url)
         queue = Queue(self.keys.queue("hub"), connection=client)
         return {w.pid for w in Worker.all(queue=queue) if w.get_current_job_id() and w.pid}
 
@@ -249,7 +275,10 @@ class Cluster:
         self.hub.stop()
         self.clearml.stop()
         self.platform.stop()
-        self.redis.stop()
+        if self.sentinels:
+            self.sentinels.stop()
+        else:
+            self.redis.stop()
 
 
 # -- the checker -----------------------------------------------------------------------
@@ -408,7 +437,7 @@ def platform_limit_problems(requests: list[dict[str, Any]]) -> list[str]:
 def secret_problems(cluster: Cluster) -> list[str]:
     """The HUB and Platform API keys and the ClearML secret appear in no Redis key or value and no log."""
     secrets = (API_KEY.encode(), SECRET_KEY.encode(), ACCESS_KEY.encode(), PLATFORM_KEY.encode())
-    client = redis.Redis.from_url(cluster.redis.url)
+    client = connect(cluster.redis_url)
     problems = []
     for name in client.scan_iter(match="*"):
         dumped = client.dump(name) or b""
@@ -451,12 +480,17 @@ def delivered(cluster: Cluster) -> bool:
     return set(cluster.run_ids) <= ended
 
 
-def run_scenario(seed: int, tmp: Path, *, epochs: int, pause: float, rounds: int, deadline_s: float) -> Outcome:
-    """Run the system under the seed's schedule, wait for delivery, check everything."""
-    faults = schedule(seed, rounds)
-    log = [f"{len(faults)} faults, {RUNS} producers x {epochs} epochs, {pause} s per epoch"]
+def run_scenario(
+    seed: int, tmp: Path, *, epochs: int, pause: float, rounds: int, deadline_s: float, failover: bool = False
+) -> Outcome:
+    """Run the system under the seed's schedule, wait for delivery, check everything. ``failover``: Redis
+    is a primary, a replica and three Sentinels (TRAINBUS_REDIS_MIN_REPLICAS=1), and "primary-failover"
+    joins the fault kinds."""
+    faults = schedule(seed, rounds, (*FAULT_KINDS, FAILOVER_KIND) if failover else FAULT_KINDS)
+    redis_kind = "a Sentinel cluster, MIN_REPLICAS=1" if failover else "one Redis"
+    log = [f"{len(faults)} faults, {RUNS} producers x {epochs} epochs, {pause} s per epoch, {redis_kind}"]
     namespace = f"chaos-{seed}"
-    cluster = Cluster(tmp, namespace, epochs, pause)
+    cluster = Cluster(tmp, namespace, epochs, pause, failover=failover)
     started = time.monotonic()
     try:
         for fault in faults:

@@ -6,6 +6,10 @@ reservation is at least ``interval`` old, and records the new one. Two workers c
 both get a slot, even if the per-run lock was lost; a failed request still used its slot.
 A server's Retry-After or a backoff moves the next slot (``push_back``, ``retry_in``).
 
+With TRAINBUS_REDIS_MIN_REPLICAS a slot counts as reserved only once that many replicas hold the
+reservation (else it is given back and retried): a failover that lost it would let a second
+request go inside the interval.
+
 Every time is Redis's own clock (``TIME``), read inside the scripts: workers on machines
 whose clocks disagree still space their requests correctly, and a slot is reserved at the
 moment of the request, not when the drain job started.
@@ -13,9 +17,15 @@ moment of the request, not when the drain job started.
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import redis
+
+from shared.redis_client import replicas_hold
+
+log = logging.getLogger("trainbus.rate_limit")
+REPLICA_RETRY_S = 1.0  # a slot too few replicas hold is given back; the request tries again after this
 
 NOW = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
 NEXT = "local next_at = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')\n"
@@ -53,14 +63,19 @@ return 1
 class RateLimiter:
     """Slots stored as ``next:<kind>`` fields (unix seconds, Redis's clock) in a run's state hash."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, min_replicas: int = 0) -> None:
+        self.client, self.min_replicas = client, min_replicas
         self._reserve = client.register_script(RESERVE)
         self._wait = client.register_script(WAIT)
         self._move = client.register_script(MOVE)
 
     def reserve(self, state_key: str, kind: str, interval: float) -> float:
         """0.0 if the slot is now ours, else the seconds until the next one."""
-        return float(self._reserve(keys=[state_key], args=[f"next:{kind}", repr(interval)]))
+        wait = float(self._reserve(keys=[state_key], args=[f"next:{kind}", repr(interval)]))
+        if wait or replicas_hold(self.client, self.min_replicas):
+            return wait
+        self.retry_in(state_key, kind, REPLICA_RETRY_S)  # given back: its request did not go
+        return unreplicated(kind, self.min_replicas)
 
     def wait(self, state_key: str, kind: str) -> float:
         """Seconds until the next slot, without taking it."""
@@ -118,17 +133,27 @@ class WindowLimiter:
 
     WINDOW_MARGIN_S = 1.0
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, min_replicas: int = 0) -> None:
+        self.client, self.min_replicas = client, min_replicas
         self._reserve = client.register_script(WINDOW)
         self._hold = client.register_script(HOLD)
 
     def reserve(self, key: str, limit: int, window: float) -> float:
         """0.0 if a request may go now (and is counted), else the seconds until one may."""
         member = uuid.uuid4().hex
-        return float(
+        wait = float(
             self._reserve(keys=[key, f"{key}:hold"], args=[limit, repr(window + self.WINDOW_MARGIN_S), member])
         )
+        if wait or replicas_hold(self.client, self.min_replicas):
+            return wait
+        self.client.zrem(key, member)  # given back: its request did not go
+        return unreplicated(key, self.min_replicas)
 
     def hold(self, key: str, seconds: float) -> None:
         """Nothing under ``key`` goes for ``seconds`` (a 429's Retry-After)."""
         self._hold(keys=[f"{key}:hold"], args=[repr(seconds)])
+
+
+def unreplicated(what: str, min_replicas: int) -> float:
+    log.warning("a %s rate-limit slot was on fewer than %d replicas: given back, retried", what, min_replicas)
+    return REPLICA_RETRY_S

@@ -21,7 +21,7 @@ import redis
 from shared.backoff import compute_backoff
 from shared.events import Event
 from shared.keys import RUN_STATE_TTL_S, Keys
-from shared.redis_client import REDIS_UNAVAILABLE
+from shared.redis_client import REDIS_UNAVAILABLE, replicas_hold
 from workers.counters import Counters
 
 log = logging.getLogger("trainbus.sink")
@@ -93,10 +93,11 @@ return 1
 class RunState:
     """Bookkeeping shared by the sinks: recorded seqs, active runs, finishing, dead letters."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, sink: str) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, sink: str, min_replicas: int = 0) -> None:
         self.client = client
         self.keys = keys
         self.sink = sink
+        self.min_replicas = min_replicas
         self._hdel_if_same = client.register_script(HDEL_IF_SAME)
         self._mark_seen = client.register_script(MARK_SEEN)
         self._set_if_newer = client.register_script(SET_IF_NEWER)
@@ -137,7 +138,21 @@ class RunState:
         args: list[Any] = []
         for field, value in values.items():
             args += [field, value]
-        return confirm(lambda: int(self._hdel_if_same(keys=[key], args=args))) if args else 0
+        if not args:
+            return 0
+        removed = confirm(lambda: int(self._hdel_if_same(keys=[key], args=args)))
+        self.wait_for_replicas()
+        return removed
+
+    def wait_for_replicas(self) -> None:
+        """Until TRAINBUS_REDIS_MIN_REPLICAS replicas hold the record just written (bounded): the next
+        delivery starts only then, so a failover can repeat at most the last one. Logged if they do not."""
+        if not replicas_hold(self.client, self.min_replicas):
+            log.warning(
+                "%s: a delivery record is on fewer than %d replicas; a failover now would repeat that delivery",
+                self.sink,
+                self.min_replicas,
+            )
 
     def latest_sent(self, run_id: str, kind: str, pending: bytes) -> None:
         """The pending ``kind`` (see :meth:`set_if_newer`) was sent: counted once, as sent. A newer

@@ -45,7 +45,7 @@ from shared.keys import LIVENESS_TTL_S, Keys
 from shared.settings import WorkerSettings
 from workers.sinks.clearml.sdk import ClearmlBusy, ClearmlTimeout, Owner, TaskHandle, offline
 from workers.sinks.files import FileMissing, FileRefused, list_dir, open_file, private_dir
-from workers.sinks.run_state import SEEN_LUA, RunState
+from workers.sinks.run_state import SEEN_LUA, RunState, confirm
 
 log = logging.getLogger("trainbus.clearml")
 
@@ -85,7 +85,7 @@ class ClearmlSink:
         self.client = client
         self.keys = keys
         self.settings = settings
-        self.runs = RunState(client, keys, SINK)
+        self.runs = RunState(client, keys, SINK, settings.redis_min_replicas)
         self._record = client.register_script(RECORD)
 
     @property
@@ -353,12 +353,12 @@ class ClearmlSink:
                 task_name=task_name(session, run_id),
                 task_type=Task.TaskTypes.training,
             )
-            self.client.hset(state_key, "task_id", task.id)
+            confirm(lambda: self.client.hset(state_key, "task_id", task.id))  # lost, a second task is made
         if not offline():  # models go to the files server (CLEARML_FILES_HOST)
             task.output_uri = True
         task.connect(dict(session.get("args") or {}), name="General", ignore_remote_overrides=True)  # as Ultralytics
         task.add_tags(task_tags(session, run_id))
-        self.client.hset(state_key, mapping={"task_ready": 1, "name": task_name(session, run_id)})
+        confirm(lambda: self.client.hset(state_key, mapping={"task_ready": 1, "name": task_name(session, run_id)}))
         self.client.hdel(state_key, "creating")
         self.owner.tasks[run_id] = TaskHandle(task)
         log.info("upload sink=clearml run=%s kind=task outcome=ok task=%s", run_id, task.id)
@@ -577,6 +577,7 @@ class ClearmlSink:
             pipe.sadd(self._key(run_id, "files_done"), *files)
         pipe.hincrby(self.keys.state(SINK, run_id), "reported", len(events))
         pipe.execute()
+        self.runs.wait_for_replicas()
 
     def _finished(self, run_id: str) -> bool:
         if not self._closed(run_id):

@@ -30,7 +30,7 @@ from workers.sinks.files import FileRefused, open_snapshot
 from workers.sinks.hub.client import HubClient, HubError
 from workers.sinks.interface import SinkRefused
 from workers.sinks.rate_limit import RateLimiter
-from workers.sinks.run_state import Attempt, RunState, final_done, pending_counts
+from workers.sinks.run_state import Attempt, RunState, confirm, final_done, pending_counts
 
 log = logging.getLogger("trainbus.hub")
 
@@ -52,8 +52,8 @@ class HubSink:
         self.keys = keys
         self.settings = settings
         self.hub = hub or HubClient(settings.hub_api_url, settings.hub_api_key, settings.hub_timeout_s)
-        self.runs = RunState(client, keys, SINK)
-        self.limits = RateLimiter(client)
+        self.runs = RunState(client, keys, SINK, settings.redis_min_replicas)
+        self.limits = RateLimiter(client, settings.redis_min_replicas)
 
     @staticmethod
     def pending(client: redis.Redis, keys: Keys, run_id: str) -> dict[str, int]:
@@ -133,8 +133,8 @@ class HubSink:
             if self.client.hget(state_key, "create_http_status"):  # HUB answered: nothing was created
                 self.client.hdel(state_key, "create_unanswered", "create_http_status")
             return None
-        self.client.hdel(state_key, "create_unanswered")
-        self.client.hset(state_key, "model_id", model_id)
+        pipe = self.client.pipeline
+        confirm(lambda: pipe().hdel(state_key, "create_unanswered").hset(state_key, "model_id", model_id).execute())
         log.info("upload sink=hub run=%s kind=create outcome=ok model=%s", run_id, model_id)
         return model_id
 

@@ -80,8 +80,8 @@ class MlflowSink:
         self.keys = keys
         self.settings = settings
         self._api = api
-        self.runs = RunState(client, keys, SINK)
-        self.slots = RateLimiter(client)
+        self.runs = RunState(client, keys, SINK, settings.redis_min_replicas)
+        self.slots = RateLimiter(client, settings.redis_min_replicas)
 
     @property
     def api(self) -> MlflowApi:

@@ -78,9 +78,9 @@ class PlatformSink:
         target, key = settings.platform_target, settings.platform_api_key
         self.api = api or PlatformClient(target, key, settings.platform_timeout_s)
         self.key_id = key_fingerprint(settings.platform_api_key)
-        self.runs = RunState(client, keys, SINK)
-        self.slots = RateLimiter(client)
-        self.window = WindowLimiter(client)
+        self.runs = RunState(client, keys, SINK, settings.redis_min_replicas)
+        self.slots = RateLimiter(client, settings.redis_min_replicas)
+        self.window = WindowLimiter(client, settings.redis_min_replicas)
 
     @staticmethod
     def pending(client: redis.Redis, keys: Keys, run_id: str) -> dict[str, int]:
