@@ -12,6 +12,9 @@ Per setting, each repeated --repeats times in a fresh run (medians shown):
                               (and, with 1, that WAIT says the replica holds it): spool release
   event -> released p50/p99   --paced events 20 ms apart; per event, from the hook until the
                               control page's pushed seq covers it (WAIT included with 1)
+  worker slot + record p50/p99  what a worker adds per delivery: a rate-limit reservation and
+                              the delivery's record (``RunState.remove_if_same``), each WAITed
+                              for with 1 (--paced times)
 
 The replica is local, so WAIT costs a round trip of the replication link, not of a network.
 """
@@ -30,6 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.procs import epoch_metrics, percentile, table
 from producers import Publisher
+from shared.keys import Keys
+from shared.redis_client import connect
+from workers.sinks.rate_limit import RateLimiter
+from workers.sinks.run_state import RunState
 from workers.devstack.embedded_redis import RedisServer
 
 METRICS = epoch_metrics(3)
@@ -62,13 +69,33 @@ def one_run(url: str, min_replicas: int, events: int, paced: int) -> dict[str, f
             bus.metrics(epoch, METRICS)
         assert bus.close(timeout=300), "not everything was released"
         released = events / (time.perf_counter() - start)
+    writes = worker_writes(url, min_replicas, paced)
     return {
         "hook p50 µs": statistics.median(hooks),
         "hook p99 µs": percentile(hooks, 99),
         "released events/s": released,
         "event -> released p50 ms": statistics.median(latency),
         "event -> released p99 ms": percentile(latency, 99),
+        "worker slot + record p50 µs": statistics.median(writes),
+        "worker slot + record p99 µs": percentile(writes, 99),
     }
+
+
+def worker_writes(url: str, min_replicas: int, count: int) -> list[float]:
+    """µs per delivery's own Redis writes in a worker: its slot reserved, its record written."""
+    client = connect(url)
+    keys = Keys(f"bench-{uuid.uuid4().hex[:8]}")
+    slots, runs = RateLimiter(client, min_replicas), RunState(client, keys, "hub", min_replicas)
+    pending, state = keys.pending("hub", "r", "ckpt"), keys.state("hub", "r")
+    samples = []
+    for n in range(count):
+        client.hset(pending, "data", str(n))
+        t0 = time.perf_counter()
+        slots.reserve(state, "bench", 0.0)
+        runs.remove_if_same(pending, {"data": str(n).encode()})
+        samples.append((time.perf_counter() - t0) * 1e6)
+    client.delete(pending, state)
+    return samples
 
 
 def main() -> None:
