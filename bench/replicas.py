@@ -35,9 +35,9 @@ from bench.procs import epoch_metrics, percentile, table
 from producers import Publisher
 from shared.keys import Keys
 from shared.redis_client import connect
+from workers.devstack.embedded_redis import RedisServer
 from workers.sinks.rate_limit import RateLimiter
 from workers.sinks.run_state import RunState
-from workers.devstack.embedded_redis import RedisServer
 
 METRICS = epoch_metrics(3)
 
