@@ -24,7 +24,7 @@ from producers.spool import RunSpool
 from producers.ultralytics import make_callbacks
 from shared.keys import Keys
 from tests.conftest import stream_events
-from tests.helpers import wait_for
+from tests.helpers import children, wait_for
 from tests.proxy import DelayProxy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,8 @@ def test_a_preempted_runs_leftovers_replayed_after_its_resume_arrive_once_after_
     a.stdin.write("go\n")
     a.stdin.flush()
     leftovers = accepted(a)
-    a.send_signal(signal.SIGKILL)
+    for pid in [*children(a.pid), a.pid]:  # machine A is preempted: its delivery process dies with the training
+        os.kill(pid, signal.SIGKILL)  # (left alive, it pushes 3-5 once Redis is back, before B's: timing luck)
     a.wait()
     own_redis.start()
     with Publisher(redis_url=own_redis.url, namespace=namespace, spool_dir=tmp_path / "b", run_id="pre") as bus:
