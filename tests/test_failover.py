@@ -9,6 +9,7 @@ Sentinel URL; the local Platform server.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import orjson
@@ -150,3 +151,21 @@ def test_a_delivery_record_no_replica_holds_is_said_and_the_next_waits_for_it(cl
     assert runs.remove_if_same("pending", {"data": b"y"}) == 1
     assert time.monotonic() - started >= REPLICA_WAIT_MS / 1000 - 0.1, "it waited for the replica"
     assert "a delivery record is on fewer than 1 replicas" in caplog.text
+
+
+def test_a_slot_that_waited_for_the_replica_counts_from_when_its_request_goes(cluster):
+    """The WAIT took 1.2 s: the next per-run slot is an interval after that, not after the reservation
+    (the soak saw two heartbeats 0.25 s apart), and a window's reservation that waited that long is given back."""
+    client = connect(cluster.url)
+    slots, window = RateLimiter(client, min_replicas=1), WindowLimiter(client, min_replicas=1)
+
+    def held_for_a_while() -> None:
+        cluster.link.hold()
+        threading.Timer(1.2, cluster.link.release).start()
+
+    held_for_a_while()
+    assert slots.reserve("state", "heartbeat", 1.0) == 0.0, "the replica acknowledged within 2 s"
+    assert slots.reserve("state", "heartbeat", 1.0) > 0.8, "the interval runs from the request, not the reservation"
+    held_for_a_while()
+    assert window.reserve("window", 5, 60) == REPLICA_RETRY_S
+    assert client.zcard("window") == 0, "the window's slow reservation was given back"

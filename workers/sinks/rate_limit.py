@@ -8,7 +8,8 @@ A server's Retry-After or a backoff moves the next slot (``push_back``, ``retry_
 
 With TRAINBUS_REDIS_MIN_REPLICAS a slot counts as reserved only once that many replicas hold the
 reservation (else it is given back and retried): a failover that lost it would let a second
-request go inside the interval.
+request go inside the interval. The WAIT can take seconds, so a per-run slot is then moved to
+start when the request goes, and a window's reservation that waited long is given back.
 
 Every time is Redis's own clock (``TIME``), read inside the scripts: workers on machines
 whose clocks disagree still space their requests correctly, and a slot is reserved at the
@@ -18,6 +19,7 @@ moment of the request, not when the drain job started.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import redis
@@ -72,10 +74,13 @@ class RateLimiter:
     def reserve(self, state_key: str, kind: str, interval: float) -> float:
         """0.0 if the slot is now ours, else the seconds until the next one."""
         wait = float(self._reserve(keys=[state_key], args=[f"next:{kind}", repr(interval)]))
-        if wait or replicas_hold(self.client, self.min_replicas):
+        if wait or not self.min_replicas:
             return wait
-        self.retry_in(state_key, kind, REPLICA_RETRY_S)  # given back: its request did not go
-        return unreplicated(kind, self.min_replicas)
+        if not replicas_hold(self.client, self.min_replicas):
+            self.retry_in(state_key, kind, REPLICA_RETRY_S)  # given back: its request did not go
+            return unreplicated(kind, self.min_replicas)
+        self.push_back(state_key, kind, interval)  # the interval runs from now, when the request goes, not
+        return 0.0  # from before a WAIT that can take seconds (else the next slot could follow at once)
 
     def wait(self, state_key: str, kind: str) -> float:
         """Seconds until the next slot, without taking it."""
@@ -144,9 +149,12 @@ class WindowLimiter:
         wait = float(
             self._reserve(keys=[key, f"{key}:hold"], args=[limit, repr(window + self.WINDOW_MARGIN_S), member])
         )
-        if wait or replicas_hold(self.client, self.min_replicas):
+        if wait or not self.min_replicas:
             return wait
-        self.client.zrem(key, member)  # given back: its request did not go
+        started = time.monotonic()
+        if replicas_hold(self.client, self.min_replicas) and time.monotonic() - started < self.WINDOW_MARGIN_S / 2:
+            return 0.0
+        self.client.zrem(key, member)  # given back: its request did not go (a slow WAIT would eat the margin)
         return unreplicated(key, self.min_replicas)
 
     def hold(self, key: str, seconds: float) -> None:
@@ -155,5 +163,5 @@ class WindowLimiter:
 
 
 def unreplicated(what: str, min_replicas: int) -> float:
-    log.warning("a %s rate-limit slot was on fewer than %d replicas: given back, retried", what, min_replicas)
+    log.warning("a %s rate-limit slot was not on %d replicas in time: given back, retried", what, min_replicas)
     return REPLICA_RETRY_S
