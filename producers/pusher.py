@@ -25,10 +25,9 @@ import redis
 
 from producers.snapshot import SNAPSHOT_TYPES, Snapshotter
 from producers.spool import Position, Record, RunSpool, read_records
-from shared.errors import TrainbusError
 from shared.events import EventType
 from shared.keys import PUSHED_TTL_S, Keys
-from shared.redis_client import REPLICA_WAIT_MS
+from shared.redis_client import REPLICA_WAIT_MS, NotReplicated
 
 BATCH_RECORDS = 256
 
@@ -75,10 +74,6 @@ class Bound(Protocol):
     segments all), or (None, 0) when everything in the spool is."""
 
     published: tuple[Path | None, int]
-
-
-class NotReplicated(TrainbusError, redis.ConnectionError):
-    """Fewer replicas than TRAINBUS_REDIS_MIN_REPLICAS acknowledged a batch: retried like an unavailable Redis."""
 
 
 class Pusher:

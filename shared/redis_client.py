@@ -23,6 +23,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import redis
 from redis.sentinel import Sentinel
 
+from shared.errors import TrainbusError
+
 
 @dataclass(frozen=True)
 class Timeouts:
@@ -49,6 +51,10 @@ REDIS_UNAVAILABLE = (
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 REPLICA_WAIT_MS = 2000  # how long a WAIT for TRAINBUS_REDIS_MIN_REPLICAS may take before the caller retries
 TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+
+
+class NotReplicated(TrainbusError, redis.ConnectionError):
+    """Fewer replicas than TRAINBUS_REDIS_MIN_REPLICAS acknowledged a write: retried like an unavailable Redis."""
 
 
 @dataclass(frozen=True)

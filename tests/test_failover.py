@@ -18,7 +18,7 @@ import redis
 
 from producers import Publisher
 from shared.keys import Keys
-from shared.redis_client import REPLICA_WAIT_MS, connect
+from shared.redis_client import REPLICA_WAIT_MS, NotReplicated, connect
 from tests.helpers import wait_for
 from tests.pipeline import Pipeline
 from tests.sentinel_cluster import SentinelCluster
@@ -151,6 +151,8 @@ def test_a_delivery_record_no_replica_holds_is_said_and_the_next_waits_for_it(cl
     assert runs.remove_if_same("pending", {"data": b"y"}) == 1
     assert time.monotonic() - started >= REPLICA_WAIT_MS / 1000 - 0.1, "it waited for the replica"
     assert "a delivery record is on fewer than 1 replicas" in caplog.text
+    with pytest.raises(NotReplicated):  # for a record its writer keeps and writes again (ClearML's confirmations)
+        runs.wait_for_replicas(strict=True)
 
 
 def test_a_slot_that_waited_for_the_replica_counts_from_when_its_request_goes(cluster):

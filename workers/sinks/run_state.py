@@ -21,7 +21,7 @@ import redis
 from shared.backoff import compute_backoff
 from shared.events import Event
 from shared.keys import RUN_STATE_TTL_S, Keys
-from shared.redis_client import REDIS_UNAVAILABLE, replicas_hold
+from shared.redis_client import REDIS_UNAVAILABLE, NotReplicated, replicas_hold
 from workers.counters import Counters
 
 log = logging.getLogger("trainbus.sink")
@@ -144,10 +144,13 @@ class RunState:
         self.wait_for_replicas()
         return removed
 
-    def wait_for_replicas(self) -> None:
+    def wait_for_replicas(self, *, strict: bool = False) -> None:
         """Until TRAINBUS_REDIS_MIN_REPLICAS replicas hold the record just written (bounded): the next
-        delivery starts only then, so a failover can repeat at most the last one. Logged if they do not."""
+        delivery starts only then, so a failover can repeat at most the last one. Logged if they do not;
+        ``strict``: raised instead (NotReplicated), for a record the caller can write again."""
         if not replicas_hold(self.client, self.min_replicas):
+            if strict:
+                raise NotReplicated(f"{self.sink}: a delivery record is on fewer than {self.min_replicas} replicas")
             log.warning(
                 "%s: a delivery record is on fewer than %d replicas; a failover now would repeat that delivery",
                 self.sink,

@@ -559,12 +559,20 @@ class ClearmlSink:
         """The SDK sent these units: they are done (called by the owner's thread)."""
         events = [int(u[1:]) for u in units if u.startswith("e")]
         files = [u[1:] for u in units if u.startswith("f")]
-        self._done(run_id, units, events=events, files=files)
+        # strict: a record a failover loses would leave these units handed to this live worker, which no
+        # longer holds them to confirm: the run would never finish. Not held, they stay to confirm again.
+        self._done(run_id, units, events=events, files=files, strict=True)
         if events:
             self.runs.counters.upload(SINK, "events", "ok", len(events))
 
     def _done(
-        self, run_id: str, units: list[str], *, events: list[int] | None = None, files: list[str] | None = None
+        self,
+        run_id: str,
+        units: list[str],
+        *,
+        events: list[int] | None = None,
+        files: list[str] | None = None,
+        strict: bool = False,
     ) -> None:
         events = [int(u[1:]) for u in units if u.startswith("e")] if events is None else events
         files = [u[1:] for u in units if u.startswith("f")] if files is None else files
@@ -577,7 +585,7 @@ class ClearmlSink:
             pipe.sadd(self._key(run_id, "files_done"), *files)
         pipe.hincrby(self.keys.state(SINK, run_id), "reported", len(events))
         pipe.execute()
-        self.runs.wait_for_replicas()
+        self.runs.wait_for_replicas(strict=strict)
 
     def _finished(self, run_id: str) -> bool:
         if not self._closed(run_id):
