@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -112,6 +114,10 @@ class ClearmlServer:
             [sys.executable, "-m", "tests.clearml_server"], stdout=subprocess.PIPE, text=True, cwd=ROOT
         )
         self.url = self.proc.stdout.readline().rsplit(" ", 1)[-1].strip()
+        # The SDK's own retries back off up to 120 s by default: after a test's outage its next send could
+        # come minutes later (seen under load). Tests cap that; users keep the SDK's defaults.
+        self.config = Path(tempfile.mkdtemp(prefix="clearml-conf-")) / "clearml.conf"
+        self.config.write_text("api { http { retries { backoff_max: 2.0 } } }\n")
 
     def state(self) -> dict:
         return requests.get(f"{self.url}/_control/state", timeout=10).json()
@@ -126,11 +132,13 @@ class ClearmlServer:
             "CLEARML_FILES_HOST": self.url,
             "CLEARML_API_ACCESS_KEY": ACCESS_KEY,
             "CLEARML_API_SECRET_KEY": SECRET_KEY,
+            "CLEARML_CONFIG_FILE": str(self.config),
         }
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
+        shutil.rmtree(self.config.parent, ignore_errors=True)
 
 
 class Pipeline:
