@@ -27,7 +27,7 @@ from producers.snapshot import SNAPSHOT_TYPES, Snapshotter
 from producers.spool import Position, Record, RunSpool, read_records
 from shared.events import EventType
 from shared.keys import PUSHED_TTL_S, Keys
-from shared.redis_client import REPLICA_WAIT_MS, NotReplicated
+from shared.redis_client import REPLICA_WAIT_MS, NotReplicated, replicas_hold
 
 BATCH_RECORDS = 256
 
@@ -149,10 +149,9 @@ class Pusher:
     def _wait_for_replicas(self) -> None:
         """Until enough replicas hold what this connection wrote (at most REPLICA_WAIT_MS), else raise:
         the batch stays in the spool and the next try pushes it again (the script skips what is there)."""
-        acked = int(self.client.wait(self.min_replicas, REPLICA_WAIT_MS))
-        if acked < self.min_replicas:
+        if not replicas_hold(self.client, self.min_replicas):
             raise NotReplicated(
-                f"run {self.run.run_id}: {acked} of {self.min_replicas} replicas hold the batch after "
+                f"run {self.run.run_id}: fewer than {self.min_replicas} replicas hold the batch after "
                 f"{REPLICA_WAIT_MS} ms (TRAINBUS_REDIS_MIN_REPLICAS); it stays in the spool and is pushed again"
             )
 

@@ -26,7 +26,7 @@ from shared.backoff import compute_backoff
 from shared.errors import InvalidEvent
 from shared.events import MAX_SEQ_AHEAD, Event, decode_event
 from shared.keys import Keys
-from shared.redis_client import REDIS_UNAVAILABLE, REPLICA_WAIT_MS
+from shared.redis_client import REDIS_UNAVAILABLE, replicas_hold
 from shared.settings import WorkerSettings, redact_url
 from workers.counters import Counters
 from workers.pipeline.groups import mark_fed, refresh_abandoned
@@ -228,12 +228,12 @@ class Dispatcher:
         covers this connection's last write, the XREADGROUP after them. Work recorded from entries a
         failover then loses would be work on events the producer will push again."""
         wanted = self.settings.redis_min_replicas
-        acked = int(self.client.wait(wanted, REPLICA_WAIT_MS))
-        if acked < wanted:
-            log.warning(
-                "%d of %d replicas hold the entries just read; they wait (TRAINBUS_REDIS_MIN_REPLICAS)", acked, wanted
-            )
-        return acked >= wanted
+        if replicas_hold(self.client, wanted):
+            return True
+        log.warning(
+            "fewer than %d replicas hold the entries just read; they wait (TRAINBUS_REDIS_MIN_REPLICAS)", wanted
+        )
+        return False
 
     def _beat(self) -> None:
         """Say this dispatcher is reading (``trainbus health dispatcher``); forget ones silent for a day."""
